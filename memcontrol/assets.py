@@ -56,8 +56,11 @@ def pediatric_cxrs() -> list[Path]:
 
 
 def adult_cxr_dicom() -> Path:
-    """RG1: one real adult PA chest CR (MONOCHROME1), pydicom-data."""
-    return _file("pydicom_data", "data_store", "data", "RG1_UNCR.dcm")
+    """RG1: one real adult PA chest CR (MONOCHROME1), pydicom-data.
+
+    The pydicom-data wheel installs its files as the top-level package `data_store`.
+    """
+    return _file("data_store", "data", "RG1_UNCR.dcm")
 
 
 def iu_reports() -> Path:
