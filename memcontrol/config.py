@@ -1,0 +1,228 @@
+"""Typed view of params.yaml. Unknown keys are errors; the file is read once, at the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoData(_Strict):
+    """Embedded default: DRRs of a real CT + real X-rays + real report text (docs/data.md)."""
+
+    n_base: int = Field(600, ge=1)
+    n_train: int = Field(400, ge=1)
+    n_test: int = Field(150, ge=1)
+    image_size: int = Field(128, ge=16)
+    n_real_test: int = Field(4, ge=0)
+
+
+class CsvData(_Strict):
+    """A user dataset: an image root + a CSV (MIMIC-CXR style `path,text`)."""
+
+    csv: Path
+    image_root: Path
+    path_column: str = "path"
+    text_column: str = "text"
+    split_column: str | None = None
+    mem_csv: Path | None = None
+    n_mem: int = Field(16, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class Data(_Strict):
+    source: Literal["demo", "csv"] = "demo"
+    demo: DemoData = DemoData()
+    csv: CsvData | None = None
+    # Memorization-inducing set (reference.md §3.3): a ratio of train + the mem subset x n_repeats.
+    data_size_ratio: float = Field(0.25, gt=0, le=1)
+    n_repeats: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _csv_needs_section(self) -> "Data":
+        if self.source == "csv" and self.csv is None:
+            raise ValueError("data.source is `csv` but the `data.csv` section is missing")
+        return self
+
+
+class TinyModel(_Strict):
+    """Stable-Diffusion-architecture model small enough to pretrain on 2 CPU cores."""
+
+    resolution: int = Field(64, ge=16)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    max_prompt_tokens: int = Field(77, ge=8)
+
+
+class BaseTrain(_Strict):
+    """Pretraining of the tiny base model on the `base` split (never the fine-tuning set)."""
+
+    vae_steps: int = Field(600, ge=1)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = Field(1500, ge=1)
+    unet_lr: float = 5e-4
+    batch_size: int = Field(16, ge=1)
+
+
+class Model(_Strict):
+    # Real path: a local Stable-Diffusion-style diffusers folder. None builds the tiny default.
+    path: Path | None = None
+    tiny: TinyModel = TinyModel()
+    base_train: BaseTrain = BaseTrain()
+
+
+class Tuning(_Strict):
+    method: str = "lora"
+    mode: Literal["full", "reference"] = "full"
+    granularity: Literal["transformer", "resnet", "sublayer"] = "transformer"
+    options: dict[str, float | int | str | bool] = {}
+
+
+class Train(_Strict):
+    """Inner loop (reference.md §3.3): AdamW, constant LR, eps-MSE, grad clip."""
+
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1)
+    cfg_dropout: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = 1.0
+    weight_decay: float = 1e-2
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+
+class Sample(_Strict):
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(4.0, ge=1)
+    mem_seeds: int = Field(4, ge=1)
+    n_quality: int = Field(64, ge=2)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 1234
+
+
+class Threshold(_Strict):
+    mode: Literal["calibrated", "fixed"] = "calibrated"
+    quantile: float = Field(0.95, gt=0, lt=1)
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _fixed_needs_value(self) -> "Threshold":
+        if self.mode == "fixed" and self.value is None:
+            raise ValueError("metrics.threshold.mode is `fixed` but metrics.threshold.value is not set")
+        return self
+
+
+class Metrics(_Strict):
+    embedder: Literal["mobilenet_v2", "pixel", "torchscript", "xrv_densenet"] = "mobilenet_v2"
+    embedder_path: Path | None = None
+    embed_size: int = Field(224, ge=16)
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    center: bool = True
+    threshold: Threshold = Threshold()
+    kid_subset_size: int = Field(50, ge=2)
+
+
+OBJECTIVES = {
+    # name -> (metrics key, direction); every value a trial records is in its metrics.json
+    "mem_rate": ("mem.flagged_rate", "minimize"),
+    "mem_mean_sim": ("mem.mean_sim", "minimize"),
+    "mem_p95_sim": ("mem.p95_sim", "minimize"),
+    "noise_norm_max": ("noise_norm.max", "minimize"),
+    "noise_norm_mean": ("noise_norm.mean", "minimize"),
+    "kid": ("quality.kid_mean", "minimize"),
+    "fid": ("quality.fid", "minimize"),
+}
+
+
+class Search(_Strict):
+    n_trials: int = Field(12, ge=1)
+    batch_size: int = Field(4, ge=1)
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population_size: int = Field(8, ge=2)
+    seed: int = 0
+    lr_min: float = Field(1e-4, gt=0)
+    lr_max: float = Field(3e-3, gt=0)
+    objectives: tuple[str, str] = ("mem_mean_sim", "kid")
+    study_name: str = "memcontrol"
+    max_workers: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Search":
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"search.objectives: unknown {unknown}; known: {sorted(OBJECTIVES)}")
+        if self.lr_min >= self.lr_max:
+            raise ValueError(f"search.lr_min ({self.lr_min}) must be < search.lr_max ({self.lr_max})")
+        return self
+
+
+class Select(_Strict):
+    """Pick one Pareto mask: least memorization among points whose quality is within
+    `quality_tolerance` (relative) of the best quality on the front."""
+
+    rule: Literal["least_memorization_within_quality", "knee", "best_quality"] = (
+        "least_memorization_within_quality"
+    )
+    quality_tolerance: float = Field(0.5, ge=0)
+
+
+class Final(_Strict):
+    """Stage 2: fine-tune on the full train set (no duplication) with the selected mask."""
+
+    steps: int = Field(300, ge=1)
+    n_repeats: int = Field(10, ge=1)
+    full_lr: float = Field(2e-4, gt=0)
+    seeds: tuple[int, ...] = (0,)
+
+
+class Tracking(_Strict):
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "memcontrol"
+
+
+class Params(_Strict):
+    seed: int = 0
+    workdir: Path = Path(".")
+    data: Data = Data()
+    model: Model = Model()
+    tuning: Tuning = Tuning()
+    train: Train = Train()
+    sample: Sample = Sample()
+    metrics: Metrics = Metrics()
+    search: Search = Search()
+    select: Select = Select()
+    final: Final = Final()
+    tracking: Tracking = Tracking()
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unparsable or invalid; the message names the file and the key."""
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: invalid parameters"]
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

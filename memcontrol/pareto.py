@@ -1,0 +1,48 @@
+"""Pareto front and the rule that picks one mask from it. Pure numpy/pandas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def is_pareto_front(values: np.ndarray, directions: list[str] | tuple[str, ...]) -> np.ndarray:
+    """values (n, k) float, directions k x {"minimize", "maximize"} -> (n,) bool.
+
+    A point is on the front when no other point is at least as good in every objective and
+    strictly better in one (the definition of optuna's Study.best_trials). Ties are all kept."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2 or v.shape[1] != len(directions):
+        raise ValueError(f"values must be (n, {len(directions)}), got {v.shape}")
+    sign = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
+    v = np.where(np.isnan(v), np.inf, v * sign)
+    le = (v[:, None, :] <= v[None, :, :]).all(-1)  # le[j, i]: j weakly better than i everywhere
+    lt = (v[:, None, :] < v[None, :, :]).any(-1)
+    dominated = (le & lt).any(axis=0)
+    return ~dominated
+
+
+def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_tolerance: float) -> pd.Series:
+    """Pick one row of a Pareto front whose objective columns `mem` and `quality` are minimised.
+
+    least_memorization_within_quality: least memorization among the points whose quality is
+      within `quality_tolerance` (relative) of the front's best quality;
+    best_quality: the best-quality point;
+    knee: the point closest to the utopia point after min-max scaling both objectives."""
+    if front.empty:
+        raise ValueError("select: the Pareto front is empty (no completed trial)")
+    q = front[quality].astype(float)
+    m = front[mem].astype(float)
+    if rule == "best_quality":
+        return front.loc[q.idxmin()]
+    if rule == "least_memorization_within_quality":
+        best = q.min()
+        ok = front[q <= best + quality_tolerance * abs(best)]
+        return ok.loc[ok[mem].astype(float).idxmin()]
+    if rule == "knee":
+        def scale(s: pd.Series) -> pd.Series:
+            span = s.max() - s.min()
+            return (s - s.min()) / span if span > 0 else s * 0
+        d = np.hypot(scale(m), scale(q))
+        return front.loc[d.idxmin()]
+    raise ValueError(f"select: unknown rule `{rule}`")
