@@ -116,7 +116,7 @@ def finetune(params_path: str = "params.yaml", root: str | None = None) -> dict:
     digest = _data_digest(L)
     recs = {}
     for seed in p.final.seeds:
-        out = L.final if seed == p.final.seeds[0] else L.final.with_name(f"final-seed{seed}")
+        out = L.final / f"seed{seed}"
         recs[seed] = T.run_arm(p, r, mask.to_json(), str(out), arm="final", seed=seed, steps=p.final.steps,
                                data_digest=digest)
     return {"final": str(L.final), "seeds": list(recs)}
@@ -131,10 +131,10 @@ def compare(params_path: str = "params.yaml", root: str | None = None) -> dict:
     arms = stages.final_arms(p, L)
     records: dict[str, list[dict]] = {"selected": [], "full": []}
     for seed in p.final.seeds:
-        sel_dir = L.final if seed == p.final.seeds[0] else L.final.with_name(f"final-seed{seed}")
+        sel_dir = L.final / f"seed{seed}"
         records["selected"].append(T.run_arm(p, r, arms["selected"].to_json(), str(sel_dir), arm="final",
                                              seed=seed, steps=p.final.steps, data_digest=digest))
-        records["full"].append(T.run_arm(p, r, arms["full"].to_json(), str(L.root / "models" / f"full-seed{seed}"),
+        records["full"].append(T.run_arm(p, r, arms["full"].to_json(), str(L.root / "models" / "full" / f"seed{seed}"),
                                          arm="final", seed=seed, steps=p.final.steps, data_digest=digest))
     base_metrics = T.evaluate_base(p, r)
     table = stages.summarize(p, L, records, base_metrics)

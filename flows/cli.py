@@ -1,0 +1,147 @@
+"""`memcontrol` console script: one subcommand per pipeline stage (each runs its Prefect flow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+# Offline and quiet before prefect/mlflow/transformers are imported (docs/stack.md §2).
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="MemControl: search which UNet blocks to fine-tune so a diffusion model memorizes less.")
+
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params.yaml to read")
+RootOpt = typer.Option(None, "--root", help="working directory for outputs (default: params `workdir`)")
+
+
+def _run(name: str, params: str, root: str | None):
+    from memcontrol.config import ConfigError, load_params
+
+    try:
+        load_params(params)  # fail fast with the file and key named, before Prefect starts
+    except ConfigError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2)
+    from flows import pipeline
+
+    t0 = time.perf_counter()
+    try:
+        out = getattr(pipeline, name)(params_path=params, root=root)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        typer.secho(f"{name}: {e}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.secho(f"{name}: done in {time.perf_counter() - t0:.1f}s", fg="green", err=True)
+    return out
+
+
+@app.command()
+def prepare(params: str = ParamsOpt, root: str = RootOpt):
+    """Build (embedded default) or ingest (CSV) the dataset into data/processed/manifest.parquet."""
+    _run("prepare", params, root)
+
+
+@app.command()
+def base(params: str = ParamsOpt, root: str = RootOpt):
+    """Pretrain the tiny base model (or check model.path) into models/base/."""
+    _run("base", params, root)
+
+
+@app.command()
+def reference(params: str = ParamsOpt, root: str = RootOpt):
+    """Encode the dataset, build the FAISS index, calibrate the memorization threshold."""
+    _run("reference", params, root)
+
+
+@app.command()
+def search(params: str = ParamsOpt, root: str = RootOpt):
+    """Run (or resume) the Optuna study; save the Pareto front and the selected mask."""
+    _run("search", params, root)
+
+
+@app.command()
+def select(params: str = ParamsOpt, root: str = RootOpt):
+    """Re-apply the selection rule to the finished study."""
+    _run("select", params, root)
+
+
+@app.command()
+def finetune(params: str = ParamsOpt, root: str = RootOpt):
+    """Stage 2: fine-tune with the selected mask into models/final/."""
+    _run("finetune", params, root)
+
+
+@app.command()
+def compare(params: str = ParamsOpt, root: str = RootOpt):
+    """Evaluate the final model against full fine-tuning; write reports/."""
+    _run("compare", params, root)
+
+
+@app.command()
+def demo(params: str = ParamsOpt, root: str = RootOpt):
+    """Run every stage on the embedded default and print where everything is."""
+    t0 = time.perf_counter()
+    _run("demo", params, root)
+    summary(params, root, wall=time.perf_counter() - t0)
+
+
+def summary(params: str, root: str | None, wall: float | None = None):
+    from rich.console import Console
+    from rich.table import Table
+
+    from memcontrol.config import load_params
+    from memcontrol.stages import Layout
+
+    p = load_params(params)
+    L = Layout(Path(root or p.workdir).resolve())
+    con = Console()
+    metrics = json.loads((L.reports / "metrics.json").read_text())
+    info = json.loads(L.selected.with_name("selected_info.json").read_text())
+    t = Table(title="MemControl summary")
+    for c in ("arm", "trainable %", "memorized (flagged)", "own-image match", "mean NN sim", "KID", "FID"):
+        t.add_column(c, justify="right" if c != "arm" else "left")
+
+    def f(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    for arm, m in metrics.items():
+        t.add_row(arm, f(m.get("trainable_pct"), ".4f"), f(m.get("mem.flagged_rate")), f(m.get("mem.own_match_rate")),
+                  f(m.get("mem.mean_sim")), f(m.get("quality.kid_mean"), ".4f"), f(m.get("quality.fid"), ".2f"))
+    con.print(t)
+    con.print(f"[bold]Chosen mask[/] (trial {info['trial']}): {', '.join(info['enabled_blocks']) or '(none)'}")
+    rows = [
+        ("manifest", L.manifest), ("base model (diffusers folder)", L.base), ("base samples", L.reports / "base_samples.png"),
+        ("FAISS index + threshold", L.reference), ("Optuna study (SQLite)", L.study_db),
+        ("trials table", L.search / "trials.csv"), ("Pareto front", L.search / "pareto.csv"),
+        ("Pareto plot", L.search / "pareto.png"), ("selected mask", L.selected), ("final model (adapter)", L.final),
+        ("comparison report", L.reports / "compare.md"), ("metrics (DVC)", L.reports / "metrics.json"),
+        ("MLflow store", p.tracking.mlflow_uri),
+    ]
+    for k, v in rows:
+        con.print(f"  {k:32s} {v}")
+    con.print("  MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1  (http://127.0.0.1:5000)")
+    if wall is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        con.print(f"  wall time {wall / 60:.1f} min, peak RSS {peak:.0f} MiB")
+
+
+@app.command("summary")
+def summary_cmd(params: str = ParamsOpt, root: str = RootOpt):
+    """Print the summary table of a finished run."""
+    summary(params, root)
+
+
+if __name__ == "__main__":
+    sys.exit(app())
