@@ -10,16 +10,18 @@ def is_pareto_front(values: np.ndarray, directions: list[str] | tuple[str, ...])
     """values (n, k) float, directions k x {"minimize", "maximize"} -> (n,) bool.
 
     A point is on the front when no other point is at least as good in every objective and
-    strictly better in one (the definition of optuna's Study.best_trials). Ties are all kept."""
+    strictly better in one (the definition of optuna's Study.best_trials). Ties are all kept.
+    A row with a NaN objective is never on the front (optuna fails such trials)."""
     v = np.asarray(values, dtype=float)
     if v.ndim != 2 or v.shape[1] != len(directions):
         raise ValueError(f"values must be (n, {len(directions)}), got {v.shape}")
     sign = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
+    bad = np.isnan(v).any(axis=1)
     v = np.where(np.isnan(v), np.inf, v * sign)
     le = (v[:, None, :] <= v[None, :, :]).all(-1)  # le[j, i]: j weakly better than i everywhere
     lt = (v[:, None, :] < v[None, :, :]).any(-1)
-    dominated = (le & lt).any(axis=0)
-    return ~dominated
+    dominated = ((le & lt) & ~bad[:, None]).any(axis=0)
+    return ~dominated & ~bad
 
 
 def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_tolerance: float) -> pd.Series:

@@ -1,0 +1,10 @@
+# Offline, quiet settings for every entry point (docs/stack.md §2). Sourced by the scripts.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+unset PREFECT_API_URL 2>/dev/null || true   # local ephemeral Prefect API unless you export one after sourcing
+export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
+export PREFECT_SERVER_EPHEMERAL_ENABLED=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_LOGGING_LEVEL="${PREFECT_LOGGING_LEVEL:-WARNING}"
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
+export PREFECT_LOCAL_STORAGE_PATH="$PREFECT_HOME/storage"
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+export DVC_NO_ANALYTICS=1

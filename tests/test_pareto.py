@@ -1,0 +1,33 @@
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from memcontrol.pareto import is_pareto_front, select
+
+
+def test_front_matches_optuna_best_trials():
+    rng = np.random.default_rng(0)
+    values = rng.random((60, 2))
+    values[5] = values[7]  # a tie: both kept
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for v in values:
+        t = study.ask()
+        study.tell(t, v.tolist())
+    ours = set(np.flatnonzero(is_pareto_front(values, ["minimize", "minimize"])))
+    assert ours == {t.number for t in study.best_trials}
+
+
+def test_maximize_direction_and_nan():
+    v = np.array([[1.0, 1.0], [2.0, 2.0], [np.nan, 5.0]])
+    assert is_pareto_front(v, ["minimize", "maximize"]).tolist() == [True, True, False]
+
+
+def test_selection_rules():
+    front = pd.DataFrame({"mem": [0.9, 0.5, 0.2], "kid": [0.10, 0.12, 0.30]})
+    pick = select(front, mem="mem", quality="kid", rule="least_memorization_within_quality", quality_tolerance=0.5)
+    assert pick["mem"] == 0.5  # 0.2 costs too much quality (0.30 > 0.10 * 1.5)
+    assert select(front, mem="mem", quality="kid", rule="best_quality", quality_tolerance=0)["mem"] == 0.9
+    assert select(front, mem="mem", quality="kid", rule="least_memorization_within_quality", quality_tolerance=5)["mem"] == 0.2
+    with pytest.raises(ValueError):
+        select(front.iloc[:0], mem="mem", quality="kid", rule="knee", quality_tolerance=0)
