@@ -29,11 +29,10 @@ from memcontrol.memorization import ReferenceIndex, amd, calibrate_threshold, nn
 from memcontrol.models import tiny
 from memcontrol.models.bundle import Bundle, load_bundle, save_bundle
 from memcontrol.models.pretrain import fit_scaling_factor, pretrain_vae
-from memcontrol.quality import fid_kid
 from memcontrol.report import image_grid, pair_grid, save_image
 from memcontrol.sample import generate, item_seed
 from memcontrol.train import finetune, resolve_device
-from memcontrol.tuning import Mask, enumerate_blocks
+from memcontrol.tuning import Mask, block_layout
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +338,8 @@ def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tup
     own_ids = np.repeat(mem["id"].to_numpy(), s.mem_seeds)
     own = (np.asarray(nearest_ids) == own_ids) & (sims > thr)
 
+    from memcontrol.quality import fid_kid
+
     test_pos = {k: i for i, k in enumerate(ctx.ids["test"])}
     real_f = ctx.test_feats[[test_pos[i] for i in qual["id"]]]
     q = fid_kid(real_f, qual_f, kid_subset_size=min(p.metrics.kid_subset_size, len(qual)), seed=p.seed)
@@ -423,8 +424,9 @@ def run_arm(
     return record
 
 
-def blocks_of(p: Params, L: Layout) -> tuple[str, ...]:
-    return enumerate_blocks(load_base(L).unet, p.tuning.granularity)
+def blocks_of(p: Params, L: Layout, method: str | None = None) -> tuple[str, ...]:
+    """The search space's block list: one bit per block of the base UNet for this method/mode."""
+    return block_layout(load_base(L).unet, method or p.tuning.method, p.tuning.mode, p.tuning.granularity)
 
 
 def search_rows(p: Params, ctx: EvalContext) -> pd.DataFrame:
@@ -491,7 +493,7 @@ def pareto_and_select(p: Params, L: Layout, study) -> dict:
 
 # ---------------------------------------------------------------- Stage 2 + comparison
 def full_mask(p: Params, L: Layout) -> Mask:
-    blocks = blocks_of(p, L)
+    blocks = block_layout(load_base(L).unet, "full", "full", p.tuning.granularity)
     return Mask(method="full", blocks=blocks, bits=(1,) * len(blocks), lr=p.final.full_lr, mode="full",
                 granularity=p.tuning.granularity)
 

@@ -21,6 +21,7 @@ def sd_scheduler() -> DDPMScheduler:
         beta_schedule="scaled_linear",
         clip_sample=False,
         prediction_type="epsilon",
+        steps_offset=1,  # as SD-1.5; StableDiffusionPipeline rewrites any other value to 1
     )
 
 

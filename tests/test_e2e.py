@@ -1,0 +1,128 @@
+"""End to end on the micro configuration: `dvc repro` runs every stage's real Prefect flow, which
+fine-tunes real (tiny) diffusers models, searches with FAISS and logs to a real MLflow SQLite store."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(work: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env["PREFECT_HOME"] = str(work / ".prefect")
+    env["PREFECT_LOCAL_STORAGE_PATH"] = str(work / ".prefect" / "storage")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _run(cmd: list[str], work: Path, timeout: int = 900) -> str:
+    r = subprocess.run(cmd, cwd=work, env=_env(work), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    for d in ("memcontrol", "tasks", "flows"):  # dvc.yaml's code deps
+        shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(ROOT / "tests" / "micro_params.yaml", work / "params.yaml")
+    _run(["dvc", "init", "--no-scm", "-q"], work)
+    _run(["dvc", "config", "core.analytics", "false"], work)
+    out = _run(["dvc", "repro"], work)
+    return work, out
+
+
+def test_dvc_repro_builds_every_output(repro):
+    work, _ = repro
+    m = pd.read_parquet(work / "data/processed/manifest.parquet")
+    assert set(m["split"]) == {"base", "train", "test"}
+    assert (m[m.split == "train"]["subset"] == "mem").sum() == 15  # 17 real X-rays - n_real_test
+    for comp in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (work / "models/base" / comp).is_dir()
+    th = json.loads((work / "data/reference/threshold.json").read_text())
+    assert -1.0 <= th["threshold"] <= 1.0 and th["n_heldout"] == 12
+
+    trials = pd.read_csv(work / "search/trials.csv")
+    assert len(trials) == 3 and trials["pareto"].any()
+    assert trials[["mem_mean_sim", "kid"]].notna().all().all()
+    sel = json.loads((work / "masks/selected.json").read_text())
+    assert sel["method"] == "lora" and len(sel["bits"]) == len(sel["blocks"]) and sel["trainable_params"] > 0
+    assert any(sel["bits"])
+    metrics = json.loads((work / "reports/metrics.json").read_text())
+    assert {"selected", "full", "base", "held-out"} <= set(metrics)
+    assert metrics["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert 0 < metrics["selected"]["trainable_pct"] < 100
+    for arm in ("selected", "full"):
+        assert 0 <= metrics[arm]["mem.flagged_rate"] <= 1 and metrics[arm]["quality.kid_mean"] == metrics[arm]["quality.kid_mean"]
+    assert (work / "models/final/seed0/adapter.safetensors").exists()
+    assert "Selected mask vs full fine-tuning" in (work / "reports/compare.md").read_text()
+
+
+def test_dvc_metrics_and_noop_repro(repro):
+    work, _ = repro
+    shown = _run(["dvc", "metrics", "show", "--json"], work)
+    assert "mem.flagged_rate" in shown
+    again = _run(["dvc", "repro"], work)
+    assert "didn't change" in again or "up to date" in again.lower()
+
+
+def test_mlflow_has_a_parent_per_study_and_a_child_per_trial(repro):
+    import mlflow
+
+    work, _ = repro
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("memcontrol")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("memcontrol_kind") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 3
+    c = children[0]
+    assert set("01") >= set(c.data.params["bits"]) and "lr" in c.data.params and "enabled_blocks" in c.data.params
+    assert {"mem.flagged_rate", "quality.kid_mean", "trainable", "noise_norm.max"} <= set(c.data.metrics)
+    arts = [a.path for a in client.list_artifacts(c.info.run_id)]
+    assert "grid.png" in arts and "mask.json" in arts
+    compare = [r for r in runs if r.data.tags.get("memcontrol_kind") == "compare"]
+    assert len(compare) == 1
+
+
+def test_prefect_recorded_completed_flow_runs(repro):
+    work, _ = repro
+    code = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs()\n"
+        "        print(sorted({(r.name and r.state_name) for r in runs}))\n"
+        "        flows = {f.id: f.name for f in await c.read_flows()}\n"
+        "        print(sorted({flows[r.flow_id] for r in runs if r.state_name == 'Completed'}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = _run([sys.executable, "-c", code], work)
+    for name in ("prepare", "base", "reference", "search", "finetune", "compare"):
+        assert name in out.splitlines()[-1]
+
+
+def test_search_resumes_instead_of_restarting(repro):
+    work, _ = repro
+    before = pd.read_csv(work / "search/trials.csv")
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    p["search"]["n_trials"] = 4
+    (work / "params.yaml").write_text(yaml.safe_dump(p))
+    _run(["memcontrol", "search"], work)
+    after = pd.read_csv(work / "search/trials.csv")
+    assert len(after) == 4
+    pd.testing.assert_frame_equal(after.iloc[:3][["number", "bits", "lr"]], before[["number", "bits", "lr"]])

@@ -1,0 +1,83 @@
+"""Each stage on the micro configuration, in process (seconds): prepare, base, reference, one arm."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memcontrol import stages
+from memcontrol.config import load_params
+from memcontrol.sample import generate, initial_noise, item_seed
+from memcontrol.tuning import Mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    shutil.copy(ROOT / "tests" / "micro_params.yaml", root / "params.yaml")
+    p = load_params(root / "params.yaml")
+    L = stages.Layout(root)
+    stages.prepare(p, L)
+    stages.base(p, L)
+    stages.reference(p, L)
+    return p, L
+
+
+def test_prepare_writes_a_valid_manifest(work):
+    p, L = work
+    m = pd.read_parquet(L.manifest)
+    assert len(m) == 24 + 30 + 12 and m["sha256"].is_unique
+    assert (L.manifest.parent / m["path"].iloc[0]).exists()  # paths are relative to the manifest's folder
+
+
+def test_base_folder_loads_in_diffusers_pipeline_and_matches_our_sampler(work):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    p, L = work
+    bundle = stages.load_base(L)
+    pipe = StableDiffusionPipeline.from_pretrained(L.base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    prompt = "No acute cardiopulmonary abnormality."
+    seed = item_seed(1, 2, 3)
+    c = bundle.unet.config
+    noise = initial_noise((c.in_channels, c.sample_size, c.sample_size), [seed])
+    theirs = pipe(prompt, num_inference_steps=3, guidance_scale=4.0, latents=noise.clone(), output_type="pt").images
+    ours = generate(bundle, bundle.encode_prompts([prompt]), [seed], steps=3, guidance=4.0)
+    assert theirs.shape == ours.shape == (1, 3, bundle.resolution, bundle.resolution)
+    torch.testing.assert_close(theirs.float().cpu(), ours, atol=2e-3, rtol=0)
+    (L.reports / "base_samples.png").exists()
+
+
+def test_reference_threshold_and_self_retrieval(work):
+    p, L = work
+    th = json.loads((L.reference / "threshold.json").read_text())
+    ids = json.loads((L.reference / "ids.json").read_text())
+    ctx = stages.EvalContext(p, L)
+    sims, idx = ctx.index.search(ctx.train_feats[:5], k=1)
+    assert (idx[:, 0] == np.arange(5)).all() and np.allclose(sims[:, 0], 1.0, atol=1e-4)
+    assert len(ids["train"]) == 30 and th["n_heldout"] == 12
+    assert th["heldout_flagged_rate_all"] <= 0.5
+
+
+def test_run_arm_trains_saves_and_reuses_finished_work(work):
+    p, L = work
+    ctx = stages.EvalContext(p, L)
+    blocks = stages.blocks_of(p, L)
+    mask = Mask(method="lora", blocks=blocks, bits=(1,) + (0,) * (len(blocks) - 1), lr=1e-3, options={"rank": 2})
+    out = L.trials / mask.digest()
+    rec = stages.run_arm(p, L, ctx, mask, out, rows=stages.search_rows(p, ctx), steps=3, seed=0)
+    m = rec["metrics"]
+    assert 0 < m["trainable"] and 0 < m["trainable_pct"] < 100
+    assert 0 <= m["mem.flagged_rate"] <= 1 and m["mem.n"] == 15 * p.sample.mem_seeds
+    assert np.isfinite([m["quality.kid_mean"], m["quality.fid"], m["noise_norm.max"]]).all()
+    for f in ("adapter.safetensors", "mask.json", "metrics.json", "grid.png"):
+        assert (out / f).exists()
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    again = stages.run_arm(p, L, ctx, mask, out, rows=stages.search_rows(p, ctx), steps=3, seed=0)
+    assert again == json.loads((out / "metrics.json").read_text()) and (out / "metrics.json").stat().st_mtime_ns == stamp
