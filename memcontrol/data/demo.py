@@ -150,7 +150,8 @@ def build_demo(
 
     # --- DRRs
     bank = reports.sentence_bank(iu, frozenset(used), frozenset(r["prompt"] for r in rows))
-    phantom = drr.load_phantom(xy_factor=4 if image_size <= 160 else 2 if image_size <= 320 else 1)
+    # 2.8 mm voxels up to 160 px, 1.4 mm above (full resolution would need ~2.5 GB)
+    phantom = drr.load_phantom(xy_factor=4 if image_size <= 160 else 2)
     weights = np.array([w for _, _, w in DRR_MIX])
     weights /= weights.sum()
     counts = {"base": n_base, "train": n_train - n_real_train, "test": n_test - n_real_test}

@@ -106,7 +106,7 @@ def resize_crop(a: np.ndarray, size: int) -> np.ndarray:
     out = []
     for ch in chans:
         # mode "F" keeps 16-bit precision through the resize
-        im = Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32), mode="F")
+        im = Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32))  # float32 -> mode "F"
         if (nh, nw) != (h, w):
             im = im.resize((nw, nh), Image.BICUBIC)
         top, left = (nh - size) // 2, (nw - size) // 2
