@@ -35,6 +35,7 @@ __all__ = [
     "Method",
     "Options",
     "Prepared",
+    "adapted_mask",
     "apply",
     "block_layout",
     "count_parameters",
@@ -118,9 +119,11 @@ def _choose(unet: nn.Module, mask: Mask) -> list[Candidate]:
             c for c in candidates if not (frozen and c.name.startswith(frozen) and method.reference_masked(c))
         ]
     if not chosen:
+        on = mask.enabled()
+        shown = list(on) if len(on) <= 6 else [*on[:6], f"... {len(on) - 6} more"]
         raise MaskError(
             f"mask leaves nothing trainable: method {mask.method!r}, mode {mask.mode!r}, "
-            f"enabled blocks {list(mask.enabled())}"
+            f"granularity {mask.granularity!r}, enabled blocks {shown}"
         )
     return chosen
 
