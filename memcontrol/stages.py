@@ -493,9 +493,8 @@ def pareto_and_select(p: Params, L: Layout, study) -> dict:
 
 # ---------------------------------------------------------------- Stage 2 + comparison
 def full_mask(p: Params, L: Layout) -> Mask:
-    blocks = block_layout(load_base(L).unet, "full", "full", p.tuning.granularity)
-    return Mask(method="full", blocks=blocks, bits=(1,) * len(blocks), lr=p.final.full_lr, mode="full",
-                granularity=p.tuning.granularity)
+    """Full fine-tuning of the whole UNet: the reference-mode form with no blocks (no mask)."""
+    return Mask(method="full", blocks=(), bits=(), lr=p.final.full_lr, mode="reference")
 
 
 def final_arms(p: Params, L: Layout) -> dict[str, Mask]:

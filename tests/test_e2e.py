@@ -31,13 +31,23 @@ def _run(cmd: list[str], work: Path, timeout: int = 900) -> str:
     return r.stdout + r.stderr
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     for d in ("memcontrol", "tasks", "flows"):  # dvc.yaml's code deps
         shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copy(ROOT / "tests" / "micro_params.yaml", work / "params.yaml")
+    # the project's params.yaml with the micro overrides: dvc.yaml names every section
+    full = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                  yaml.safe_load((ROOT / "tests" / "micro_params.yaml").read_text()))
+    (work / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     _run(["dvc", "init", "--no-scm", "-q"], work)
     _run(["dvc", "config", "core.analytics", "false"], work)
     out = _run(["dvc", "repro"], work)
