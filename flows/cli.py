@@ -27,7 +27,7 @@ ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params.yaml to r
 RootOpt = typer.Option(None, "--root", help="working directory for outputs (default: params `workdir`)")
 
 
-def _run(name: str, params: str, root: str | None):
+def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
     from memcontrol.config import ConfigError, load_params
 
     try:
@@ -35,11 +35,13 @@ def _run(name: str, params: str, root: str | None):
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2)
-    from flows import pipeline
+    import importlib
+
+    flows_module = importlib.import_module(f"flows.{module}")
 
     t0 = time.perf_counter()
     try:
-        out = getattr(pipeline, name)(params_path=params, root=root)
+        out = getattr(flows_module, name)(params_path=params, root=root)
     except (ValueError, FileNotFoundError, KeyError) as e:
         typer.secho(f"{name}: {e}", fg="red", err=True)
         raise typer.Exit(1)
@@ -87,6 +89,24 @@ def finetune(params: str = ParamsOpt, root: str = RootOpt):
 def compare(params: str = ParamsOpt, root: str = RootOpt):
     """Evaluate the final model against full fine-tuning; write reports/."""
     _run("compare", params, root)
+
+
+@app.command()
+def audit(params: str = ParamsOpt, root: str = RootOpt):
+    """Audit the selected mask against full FT, each PEFT method and the mitigations (audit.arms x audit.seeds)."""
+    _run("audit", params, root, module="audit")
+
+
+@app.command()
+def transfer(params: str = ParamsOpt, root: str = RootOpt):
+    """Apply the saved mask to the transfer dataset (CT/MR slices) and audit it under transfer/."""
+    _run("transfer", params, root, module="audit")
+
+
+@app.command()
+def release(params: str = ParamsOpt, root: str = RootOpt):
+    """Generate a synthetic dataset from models/final, excluding samples too close to training images."""
+    _run("release", params, root, module="audit")
 
 
 @app.command()

@@ -186,6 +186,93 @@ class Final(_Strict):
     seeds: tuple[int, ...] = (0,)
 
 
+ARM_BASES = ("full", "selected", "unmasked")  # plus any PEFT method name (memcontrol.tuning.METHODS)
+ARM_MITIGATIONS = ("rwa", "gn", "wen", "dedup")
+
+
+def _check_arms(arms: tuple[str, ...], where: str) -> None:
+    if not arms:
+        raise ValueError(f"{where}: at least one arm is needed")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"{where}: an arm is listed twice")
+    for a in arms:
+        base, *mits = a.split("+")
+        bad = [m for m in mits if m not in ARM_MITIGATIONS] + ([base] if not base or base in ARM_MITIGATIONS else [])
+        if bad or len(set(mits)) != len(mits):
+            raise ValueError(f"{where}: arm {a!r} is not `base[+mitigation...]` with mitigations from {ARM_MITIGATIONS}")
+
+
+class Mitigations(_Strict):
+    """Settings of the stackable training-time mitigations (memcontrol/mitigations.py)."""
+
+    rwa_k: int = Field(4, ge=1)                         # random words added per caption use (reference: 4)
+    gn_sigma: float = Field(0.1, gt=0)                  # std of the noise on the text states
+    wen_threshold: float | Literal["auto"] = "auto"     # fixed tau, or the batch quantile below
+    wen_quantile: float = Field(0.9, gt=0, lt=1)
+
+
+class Extraction(_Strict):
+    """Carlini-style extraction attack run on every audited model (memcontrol/extraction.py)."""
+
+    per_prompt: int = Field(8, ge=2)                    # generations per memorization prompt
+    min_component: int = Field(3, ge=2)
+    tiles: int = Field(4, ge=1)
+    threshold: float | Literal["calibrated"] = "calibrated"  # RMS tile distance, or calibrated on train pairs
+    quantile: float = Field(0.01, gt=0, lt=1)           # share of distinct training pairs linked when calibrated
+
+
+class Audit(_Strict):
+    """The selected mask against every baseline and mitigation, same data/steps/seeds/metrics."""
+
+    arms: tuple[str, ...] = (
+        "full", "selected", "attention", "bias", "norm", "lora", "svdiff", "difffit",
+        "full+rwa", "full+gn", "full+wen", "full+dedup",
+        "selected+rwa", "selected+gn", "selected+wen", "selected+dedup",
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int | None = Field(None, ge=1)               # None: final.steps
+    method_lr: dict[str, float] = {"attention": 2e-4, "bias": 1e-3, "norm": 1e-3, "lora": 1e-3,
+                                   "svdiff": 1e-3, "difffit": 1e-3}
+    mitigations: Mitigations = Mitigations()
+    extraction: Extraction = Extraction()
+    grid_top: int = Field(8, ge=1)                      # most-similar generations shown per arm
+
+    @model_validator(mode="after")
+    def _check(self) -> "Audit":
+        _check_arms(self.arms, "audit.arms")
+        if not self.seeds:
+            raise ValueError("audit.seeds: at least one seed is needed")
+        return self
+
+
+class Transfer(_Strict):
+    """The saved mask on a second dataset of another modality (CT/MR slices, memcontrol/data/transfer.py)."""
+
+    mask: Path | None = None                            # None: masks/selected.json of the workdir
+    n_train: int = Field(200, ge=4)
+    n_test: int = Field(64, ge=4)
+    image_size: int = Field(128, ge=16)
+    arms: tuple[str, ...] = ("selected", "unmasked", "full")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int | None = Field(None, ge=1)               # None: final.steps
+
+    @model_validator(mode="after")
+    def _check(self) -> "Transfer":
+        _check_arms(self.arms, "transfer.arms")
+        if not self.seeds:
+            raise ValueError("transfer.seeds: at least one seed is needed")
+        return self
+
+
+class Release(_Strict):
+    """A synthetic dataset from the final model, screened against the training set."""
+
+    seed: int = 0                                       # which models/final/seed<k> adapter
+    n_prompts: int = Field(64, ge=1)                    # training prompts drawn (memorization prompts first)
+    per_prompt: int = Field(2, ge=1)
+    pixel_guard: bool = True                            # also exclude pixel-level near copies (tile distance)
+
+
 class Tracking(_Strict):
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "memcontrol"
@@ -203,6 +290,9 @@ class Params(_Strict):
     search: Search = Search()
     select: Select = Select()
     final: Final = Final()
+    audit: Audit = Audit()
+    transfer: Transfer = Transfer()
+    release: Release = Release()
     tracking: Tracking = Tracking()
 
 
