@@ -20,6 +20,19 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+def _logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    h = RichHandler(show_path=False, rich_tracebacks=False)
+    lg = logging.getLogger("memcontrol")
+    if not lg.handlers:
+        lg.addHandler(h)
+        lg.setLevel(os.environ.get("MEMCONTROL_LOG_LEVEL", "INFO"))
+        lg.propagate = False
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MemControl: search which UNet blocks to fine-tune so a diffusion model memorizes less.")
 
@@ -30,6 +43,7 @@ RootOpt = typer.Option(None, "--root", help="working directory for outputs (defa
 def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
     from memcontrol.config import ConfigError, load_params
 
+    _logging()
     try:
         load_params(params)  # fail fast with the file and key named, before Prefect starts
     except ConfigError as e:

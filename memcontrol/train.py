@@ -154,6 +154,8 @@ def finetune(
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, losses[-1])
+        if (step + 1) % max(1, steps // 10) == 0:  # visible in Prefect logs, where no bar is drawn
+            log.info("finetune: step %d/%d, loss %.4f", step + 1, steps, float(np.mean(losses[-20:])))
     unet.eval()
     if gradient_checkpointing:
         unet.disable_gradient_checkpointing()

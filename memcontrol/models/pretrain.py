@@ -48,6 +48,8 @@ def pretrain_vae(
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, losses[-1])
+        if (step + 1) % max(1, steps // 10) == 0:
+            log.info("pretrain_vae: step %d/%d, loss %.4f", step + 1, steps, sum(losses[-20:]) / len(losses[-20:]))
     vae.eval().requires_grad_(False)
     return losses
 
