@@ -238,7 +238,7 @@ def reference(p: Params, L: Layout) -> Path:
     cal, chk = sims[0::2], sims[1::2]
     th = p.metrics.threshold
     thr = float(th.value) if th.mode == "fixed" else calibrate_threshold(cal, th.quantile)
-    real = (test["source"] != "drr").to_numpy() & ~test["source"].str.startswith("drr").to_numpy()
+    real = ~test["source"].str.startswith("drr").to_numpy()  # acquired images, not DRR renders
     info = {
         "threshold": thr,
         "mode": th.mode,
