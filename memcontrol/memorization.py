@@ -173,7 +173,8 @@ class ReferenceIndex:
         dim = s.pca_dim or d
         ref.index = _new_faiss_index(s, dim, n)
         if not ref.index.is_trained:  # IVF: 64 points per centroid is plenty for k-means
-            km_rows = np.sort(sample[: 64 * faiss.extract_index_ivf(ref.index).nlist])
+            ivf = faiss.try_extract_index_ivf(ref.index)
+            km_rows = np.sort(sample[: 64 * ivf.nlist] if ivf is not None else sample)
             ref.index.train(ref.transform(feats[km_rows]))
         for i in range(0, n, _CHUNK):
             ref.index.add(ref.transform(feats[i : i + _CHUNK]))
@@ -206,6 +207,10 @@ class ReferenceIndex:
         idx = np.empty((len(q), k), dtype=np.int64)
         for i in range(0, len(q), batch_size):
             sims[i : i + batch_size], idx[i : i + batch_size] = self.index.search(self.transform(q[i : i + batch_size]), k)
+        if (idx < 0).any():  # IVF probing too few cells can come back short of k results
+            LOG.warning("%d of %d queries got fewer than k=%d neighbours (idx -1, sim -inf); raise nprobe",
+                        int((idx < 0).any(axis=1).sum()), len(q), k)
+            sims[idx < 0] = -np.inf
         return sims, idx
 
     def save(self, directory: Path) -> None:
