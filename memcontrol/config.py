@@ -126,6 +126,7 @@ class Threshold(_Strict):
 class Metrics(_Strict):
     embedder: Literal["mobilenet_v2", "pixel", "torchscript", "xrv_densenet"] = "mobilenet_v2"
     embedder_path: Path | None = None
+    embedder_options: dict[str, float | int | str] = {}  # e.g. {blur_sigma: 1.5} for mobilenet_v2
     embed_size: int = Field(224, ge=16)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     center: bool = True

@@ -209,6 +209,11 @@ def load_base(L: Layout, device: str = "cpu") -> Bundle:
 
 
 # ---------------------------------------------------------------- reference
+def make_embedder(p: Params):
+    m = p.metrics
+    return build_embedder(m.embedder, path=m.embedder_path, image_size=m.embed_size, **m.embedder_options)
+
+
 def reference(p: Params, L: Layout) -> Path:
     """Once per dataset: latents + text states of every image/prompt, the FAISS index of the
     training images' embeddings and the memorization threshold calibrated on held-out images."""
@@ -219,7 +224,7 @@ def reference(p: Params, L: Layout) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     encode_manifest(bundle, df[df["split"] != "base"].reset_index(drop=True), root).save(out / "encoded.safetensors")
 
-    embedder = build_embedder(p.metrics.embedder, path=p.metrics.embedder_path, image_size=p.metrics.embed_size)
+    embedder = make_embedder(p)
     train, test = rows_of(df, "train"), rows_of(df, "test")
 
     def feats(rows: pd.DataFrame) -> np.ndarray:
@@ -287,8 +292,7 @@ class EvalContext:
 
     @cached_property
     def embedder(self):
-        m = self.p.metrics
-        return build_embedder(m.embedder, path=m.embedder_path, image_size=m.embed_size)
+        return make_embedder(self.p)
 
     @cached_property
     def mem_rows(self) -> pd.DataFrame:
