@@ -21,6 +21,7 @@ import html
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,7 +210,9 @@ def run_audit_arm(p: Params, L: stages.Layout, ctx: stages.EvalContext, arm: Arm
     if old is not None and old.get("key") == rec["key"] and old.get("aux") == aux and (out / "nearest.png").exists():
         extra, info = old["metrics"], old.get("info", {})
     else:
+        t0 = time.perf_counter()
         extra, grid = extraction_eval(p, L, ctx, out, threshold=threshold, top=p.audit.grid_top)
+        extra["extraction.seconds"] = time.perf_counter() - t0
         save_image(grid, out / "nearest.png")
         counters = M.hook_stats(hooks)
         if old is not None and old.get("key") == rec["key"] and not counters.get("wen.seen", 1):
@@ -297,7 +300,8 @@ def tradeoff(table: pd.DataFrame, mem: str, quality: str) -> pd.DataFrame:
         d = [table["arm"].iloc[j] for j in range(len(v))
              if j != i and (v[i] <= v[j]).all() and (v[i] < v[j]).any()]
         dom.append(", ".join(d))
-    return pd.DataFrame({"arm": table["arm"], mem: v[:, 0], quality: v[:, 1], "on_front": front, "dominates": dom})
+    return pd.DataFrame({"arm": table["arm"], mem: [f"{x:.4f}" for x in v[:, 0]], quality: [f"{x:.4f}" for x in v[:, 1]],
+                         "on the arms' front": ["yes" if f else "" for f in front], "dominates": dom})
 
 
 def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str) -> list[dict]:
@@ -322,6 +326,11 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str) -
         vb = np.array([mean.loc[b, mem_key], mean.loc[b, q_key]])
         return bool((va <= vb).all() and (va < vb).any())
 
+    def verdict(d, p):
+        if not d < 0:
+            return "does not hold"
+        return "holds" if p < 0.05 else f"holds in the mean only (not significant over seeds, p={p:.2g})"
+
     out = []
     arms = list(table["arm"])
     methods = [a for a in arms if "+" not in a and a not in ("full", "selected", "unmasked")]
@@ -331,7 +340,7 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str) -
             out.append({"claim": "PEFT memorizes less than full fine-tuning", "comparison": f"{a} vs full",
                         "numbers": f"{mem_key} {mean.loc[a, mem_key]:.4f} vs {mean.loc['full', mem_key]:.4f} "
                                    f"(diff {d:+.4f}, p={pval(a, 'full', mem_key):.3g})",
-                        "verdict": "holds" if d < 0 else "does not hold"})
+                        "verdict": verdict(d, pval(a, "full", mem_key))})
     if "selected" in arms:
         for a in methods + (["unmasked"] if "unmasked" in arms else []) + (["full"] if "full" in arms else []):
             if dominates("selected", a):
@@ -353,7 +362,7 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str) -
         dq = mean.loc[a, q_key] - mean.loc[base, q_key]
         out.append({"claim": "stacking a mitigation helps further", "comparison": f"{a} vs {base}",
                     "numbers": f"{mem_key} {dm:+.4f} (p={pval(a, base, mem_key):.3g}), {q_key} {dq:+.4f}",
-                    "verdict": "holds" if dm < 0 else "does not hold"})
+                    "verdict": verdict(dm, pval(a, base, mem_key))})
     return out
 
 
