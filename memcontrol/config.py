@@ -228,7 +228,7 @@ class Audit(_Strict):
     arms: tuple[str, ...] = (
         "full", "selected", "attention", "bias", "norm", "lora", "svdiff", "difffit",
         "full+rwa", "full+gn", "full+wen", "full+dedup",
-        "selected+rwa", "selected+gn", "selected+wen", "selected+dedup",
+        "selected+rwa", "selected+wen",  # the paper's "combine with existing approaches" (RWA, Wen et al.)
     )
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = Field(None, ge=1)               # None: final.steps

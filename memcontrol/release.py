@@ -116,10 +116,12 @@ def build_release(p: Params, L: stages.Layout, out_dir: Path | None = None, *, t
     feats = ctx.embedder.embed(imgs)
     thr = float(ctx.threshold["threshold"])
     train_imgs, tthr = None, None
+    tfile = out_dir / "tile_threshold.json"
     if r.pixel_guard:
-        tthr = tile_threshold if tile_threshold is not None else calibrated_tile_threshold(
-            p, ctx, out_dir / "tile_threshold.json", res)
+        tthr = tile_threshold if tile_threshold is not None else calibrated_tile_threshold(p, ctx, tfile, res)
         train_imgs = ctx.train_images(list(ctx.ids["train"]), res)
+    if tile_threshold is not None or not r.pixel_guard or p.audit.extraction.threshold != "calibrated":
+        stages.write_json({"threshold": tthr, "pixel_guard": r.pixel_guard}, tfile)  # always there (a DVC out)
     table = screen(imgs, feats, ctx.index, list(ctx.ids["train"]), thr, train_images=train_imgs,
                    tile_threshold=tthr, tiles=p.audit.extraction.tiles)
     table.insert(0, "sample_id", [f"syn-{i:05d}-{k}" for i in range(len(pr)) for k in range(r.per_prompt)])
