@@ -215,7 +215,7 @@ class Mitigations(_Strict):
 class Extraction(_Strict):
     """Carlini-style extraction attack run on every audited model (memcontrol/extraction.py)."""
 
-    per_prompt: int = Field(8, ge=2)                    # generations per memorization prompt
+    per_prompt: int = Field(4, ge=2)                    # generations per memorization prompt (first sample.mem_seeds = the evaluated ones)
     min_component: int = Field(3, ge=2)
     tiles: int = Field(4, ge=1)
     threshold: float | Literal["calibrated"] = "calibrated"  # RMS tile distance, or calibrated on train pairs
