@@ -641,6 +641,7 @@ def report(p: Params, L: stages.Layout, records: list[dict], *, title: str, out_
     """Table, figures and report files of a set of arm records; returns the aggregated table and paths."""
     table = aggregate(records)
     mem_key, q_key = (OBJECTIVES[o][0] for o in p.search.objectives)
+    fig_dir.mkdir(parents=True, exist_ok=True)  # DVC removes declared output folders before a run
     figs = []
     if with_search:
         pp = search_pareto_with_baselines(p, L, table, fig_dir / "pareto_baselines.png")
