@@ -66,15 +66,17 @@ class Bundle:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (n, 3, H, W) in [-1, 1] -> latent mean and std (n, c, H/s, W/s), already scaled
-        by the VAE scaling factor; training samples mean + std * eps each step as SD does."""
+        """images (n, 3, H, W) in [-1, 1] -> latent mean and std (n, c, H/s, W/s) float32, contiguous,
+        already scaled by the VAE scaling factor; training samples mean + std * eps each step as SD does."""
         device = next(self.vae.parameters()).device
         means, stds = [], []
         for i in range(0, len(images), batch_size):
             dist = self.vae.encode(images[i : i + batch_size].to(device)).latent_dist
             means.append(dist.mean.cpu() * self.latent_scale)
             stds.append(dist.std.cpu() * self.latent_scale)
-        return torch.cat(means), torch.cat(stds)
+        # contiguous: the VAE leaves channels_last latents for batches > 1, and
+        # torch 2.13 CPU segfaults in GroupNorm's backward on channels_last input (trainable norms).
+        return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -106,22 +108,53 @@ def _check_folder(path: Path) -> None:
         )
 
 
+def _load(what: str, where: Path, fn):
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError) as e:  # diffusers/transformers' own "no weights / bad config" errors
+        raise ModelError(f"{where}: cannot load the {what}: {e}") from e
+
+
+def _check_compatible(path: Path, b: Bundle) -> None:
+    """What the training loss and sampler assume of a real model, checked once at load."""
+    pt = b.scheduler.config.prediction_type
+    if pt != "epsilon":  # finetune's target is the noise; an SD-2.x 768 (v-prediction) model would silently degrade
+        raise ModelError(f"{path / 'scheduler'}: prediction_type {pt!r}; only epsilon-prediction models (SD-1.x style) are supported")
+    if b.unet.config.addition_embed_type is not None:
+        raise ModelError(f"{path / 'unet'}: addition_embed_type {b.unet.config.addition_embed_type!r} "
+                         "(SDXL-style added conditioning) is not supported")
+    d, x = b.text_encoder.config.hidden_size, b.unet.config.cross_attention_dim
+    if isinstance(x, int) and x != d:
+        raise ModelError(f"{path}: unet cross_attention_dim {x} != text_encoder hidden_size {d}")
+    n_pos = getattr(b.text_encoder.config, "max_position_embeddings", None)
+    if n_pos and b.tokenizer.model_max_length > n_pos:  # a tokenizer_config without model_max_length
+        log.warning("%s: tokenizer model_max_length %d > text encoder positions %d; using %d",
+                    path / "tokenizer", b.tokenizer.model_max_length, n_pos, n_pos)
+        b.tokenizer.model_max_length = n_pos
+
+
 def load_bundle(path: Path | str, *, unet_path: Path | str | None = None) -> Bundle:
-    """Load every component from a local diffusers folder (safetensors only, no hub)."""
+    """Load every component from a local diffusers folder (safetensors only, no hub).
+
+    Any SD-1.x-style folder works (StableDiffusionPipeline.save_pretrained's layout); the scheduler
+    folder may hold any diffusers scheduler (SD ships PNDM): only its noise schedule is read."""
     path = Path(path)
     _check_folder(path)
-    tok = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    tok = _load("tokenizer", path / "tokenizer", lambda: AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True))
     if len(tok) <= 3:  # transformers returns an empty tokenizer instead of raising (stack.md §6)
         raise ModelError(f"{path / 'tokenizer'}: tokenizer has only {len(tok)} tokens")
-    text_encoder = AutoModel.from_pretrained(path / "text_encoder", local_files_only=True, use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(unet_path or path / "unet", use_safetensors=True)
+    text_encoder = _load("text encoder", path / "text_encoder", lambda: AutoModel.from_pretrained(
+        path / "text_encoder", local_files_only=True, use_safetensors=True))
+    unet_dir = Path(unet_path or path / "unet")
+    unet = _load("UNet", unet_dir, lambda: UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True))
     bundle = Bundle(
-        vae=AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True),
+        vae=_load("VAE", path / "vae", lambda: AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)),
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=tok,
-        scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+        scheduler=_load("scheduler", path / "scheduler", lambda: DDPMScheduler.from_pretrained(path / "scheduler")),
     )
+    _check_compatible(path, bundle)
     for m in (bundle.vae, bundle.text_encoder, bundle.unet):
         m.eval().requires_grad_(False)
     return bundle
