@@ -404,6 +404,7 @@ def run_arm(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(p.train.device)
     bundle = load_base(L, device)
+    torch.manual_seed(seed)  # adapters drawn at init (LoRA A) must not depend on what ran before
     prepared = tuning.apply(bundle.unet, mask)
     t0 = time.perf_counter()
     res = finetune(

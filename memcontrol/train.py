@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def finetune(
     if not params:
         raise ValueError("finetune: no trainable parameters in the given groups")
     device = resolve_device(device)
+    # accelerate keeps one state per process; reset it so base pretraining (fp32) and a later
+    # mixed-precision fine-tune can share a process (`memcontrol demo`).
+    AcceleratorState._reset_state(True)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
