@@ -128,6 +128,10 @@ class Metrics(_Strict):
     embedder_path: Path | None = None
     embedder_options: dict[str, float | int | str] = {}  # e.g. {blur_sigma: 1.5} for mobilenet_v2
     embed_size: int = Field(224, ge=16)
+    # decoded: real images pass through the frozen VAE (encode -> decode) before embedding, so a
+    # generation that reproduces a training latent scores ~1 and the VAE's blur is not mistaken
+    # for novelty; pixel: embed the real images as they are.
+    reference_space: Literal["decoded", "pixel"] = "decoded"
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     center: bool = True
     threshold: Threshold = Threshold()

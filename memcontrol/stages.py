@@ -228,8 +228,15 @@ def reference(p: Params, L: Layout) -> Path:
     train, test = rows_of(df, "train"), rows_of(df, "test")
 
     def feats(rows: pd.DataFrame) -> np.ndarray:
-        x = load_images(image_paths(rows, root), bundle.resolution)
-        return embedder.embed((x + 1) / 2)
+        out = []
+        for i in range(0, len(rows), 256):
+            x = load_images(image_paths(rows.iloc[i : i + 256], root), bundle.resolution)
+            if p.metrics.reference_space == "decoded":
+                x01 = bundle.decode(bundle.encode_images(x)[0])
+            else:
+                x01 = (x + 1) / 2
+            out.append(embedder.embed(x01))
+        return np.concatenate(out)
 
     train_f, test_f = feats(train), feats(test)
     index = ReferenceIndex.build(train_f, kind=p.metrics.index, center=p.metrics.center)
