@@ -159,7 +159,11 @@ def test_screen_excludes_the_training_images_themselves(work):
     imgs = ctx.train_images(ids, res)
     flipped = imgs.flip(-1)
     cands = torch.cat([imgs, flipped.clamp(0, 1)])
-    feats = ctx.embedder.embed(cands)
+    emb_in = cands
+    if p.metrics.reference_space == "decoded":  # the index holds VAE round trips of the training images
+        b = stages.load_base(L)
+        emb_in = b.decode(b.encode_images(cands * 2 - 1)[0])
+    feats = ctx.embedder.embed(emb_in)
     tthr = A.tile_threshold(p, ctx, L.root / "tt.json", res)
     out = R.screen(cands, feats, ctx.index, list(ctx.ids["train"]), ctx.threshold["threshold"],
                    train_images=ctx.train_images(list(ctx.ids["train"]), res), tile_threshold=tthr)
