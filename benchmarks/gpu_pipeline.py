@@ -21,17 +21,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memcontrol import tuning  # noqa: E402
+from memcontrol.models import sd15  # noqa: E402
 from memcontrol.models.bundle import Bundle  # noqa: E402
 from memcontrol.sample import generate  # noqa: E402
 from memcontrol.train import TrainData, finetune  # noqa: E402
 from memcontrol.tuning import Mask  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+SD15_UNET = {k: v for k, v in sd15.UNET.items() if not k.startswith("_")}
 SD15_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -23,26 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from methods import HEADER, ROOT, _format_row, add_common_args, run, tiny_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from memcontrol.models import sd15  # noqa: E402
+
 # The published SD-1.5 unet/config.json: 859,520,964 parameters.
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+SD15_UNET = {k: v for k, v in sd15.UNET.items() if not k.startswith("_")}
 
 
 def verify(device: str, precision: str, methods) -> bool:

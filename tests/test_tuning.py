@@ -27,6 +27,7 @@ from memcontrol.tuning import (
     trainable_state_dict,
 )
 from memcontrol.tuning import svdiff
+from memcontrol.models import sd15
 
 TINY = dict(
     sample_size=8,
@@ -43,26 +44,7 @@ TINY = dict(
 TINY_BLOCKS = ("down_blocks.0.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1")
 
 # The published SD-1.5 unet/config.json (runwayml/stable-diffusion-v1-5).
-SD15 = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+SD15 = sd15.UNET
 
 
 @pytest.fixture(autouse=True, scope="module")
