@@ -51,7 +51,7 @@ def test_base_folder_loads_in_diffusers_pipeline_and_matches_our_sampler(work):
     ours = generate(bundle, bundle.encode_prompts([prompt]), [seed], steps=3, guidance=4.0)
     assert theirs.shape == ours.shape == (1, 3, bundle.resolution, bundle.resolution)
     torch.testing.assert_close(theirs.float().cpu(), ours, atol=2e-3, rtol=0)
-    (L.reports / "base_samples.png").exists()
+    assert (L.reports / "base_samples.png").exists()
 
 
 def test_reference_threshold_and_self_retrieval(work):
