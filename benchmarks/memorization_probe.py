@@ -1,0 +1,61 @@
+"""Does full fine-tuning memorize the duplicated subset? Probes on a finished demo workdir.
+
+Each probe fully fine-tunes the workdir's base model on a memorization-inducing set
+(`data_size_ratio` of train/original + the memorization subset x `n_repeats`) for `steps` steps
+and scores it with the pipeline's own `stages.evaluate` (same prompts, seeds, embedder, FAISS index
+and calibrated threshold as every trial). Finished probes are reused (run_arm's metrics.json).
+
+Usage: python benchmarks/memorization_probe.py WORKDIR [--probe lr,repeats,steps,ratio,batch ...]
+       [--out benchmarks/results/memorization_probe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from memcontrol import stages
+from memcontrol.config import load_params
+from memcontrol.data.manifest import memorization_training_set
+
+# (lr, n_repeats, steps, data_size_ratio, batch): the default Stage 2, then longer / more mem-heavy
+PROBES = ["1e-3,40,300,1.0,8", "1e-3,40,1000,1.0,8", "1e-3,40,1000,0.1,8", "3e-3,40,600,0.25,8", "1e-3,40,300,0.25,32"]
+KEYS = ["mem.flagged_rate", "mem.own_match_rate", "mem.mean_sim", "mem.p95_sim", "quality.kid_mean", "quality.fid"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--probe", nargs="+", default=PROBES)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memorization_probe.json"))
+    args = ap.parse_args()
+    p = load_params(args.workdir / "params.yaml")
+    L = stages.Layout(args.workdir)
+    ctx = stages.EvalContext(p, L)
+    rows_out = []
+    for spec in args.probe:
+        lr, reps, steps, ratio, bs = (float(v) for v in spec.split(","))
+        q = p.model_copy(update={"train": p.train.model_copy(update={"batch_size": int(bs)})})
+        mask = dataclasses.replace(stages.full_mask(q, L), lr=lr)
+        rows = memorization_training_set(ctx.df, data_size_ratio=ratio, n_repeats=int(reps), seed=p.seed)
+        rec = stages.run_arm(q, L, ctx, mask, args.workdir / "probes" / spec.replace(",", "_"),
+                             rows=rows, steps=int(steps), seed=0)
+        m = rec["metrics"]
+        rows_out.append({"lr": lr, "n_repeats": int(reps), "steps": int(steps), "data_size_ratio": ratio,
+                         "batch": int(bs), "rows": len(rows), "train_s": round(m["train_seconds"], 1),
+                         "wall_s": round(m["wall_seconds"], 1), **{k: round(float(m[k]), 4) for k in KEYS}})
+    floor = json.loads((L.reference / "threshold.json").read_text())
+    cols = list(rows_out[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows_out:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(f"threshold {floor['threshold']:.4f}; held-out false-positive floor {floor['heldout_flagged_rate']:.4f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"workdir": str(args.workdir), "threshold": floor["threshold"],
+                                    "heldout_flagged_rate": floor["heldout_flagged_rate"], "probes": rows_out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
