@@ -160,7 +160,6 @@ class Search(_Strict):
     lr_max: float = Field(3e-3, gt=0)
     objectives: tuple[str, str] = ("mem_mean_sim", "kid")
     study_name: str = "memcontrol"
-    max_workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "Search":
