@@ -53,7 +53,7 @@ def main() -> None:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     print(f"threshold {floor['threshold']:.4f}; held-out false-positive floor {floor['heldout_flagged_rate']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workdir": str(args.workdir), "threshold": floor["threshold"],
+    args.out.write_text(json.dumps({"base_train": p.model.base_train.model_dump(), "threshold": floor["threshold"],
                                     "heldout_flagged_rate": floor["heldout_flagged_rate"], "probes": rows_out}, indent=2))
 
 
