@@ -21,7 +21,8 @@ from memcontrol.config import load_params
 from memcontrol.data.manifest import memorization_training_set
 
 # (lr, n_repeats, steps, data_size_ratio, batch): the default Stage 2, then longer / more mem-heavy
-PROBES = ["1e-3,40,300,1.0,8", "1e-3,40,1000,1.0,8", "1e-3,40,1000,0.1,8", "3e-3,40,600,0.25,8", "1e-3,40,300,0.25,32"]
+PROBES = ["1e-3,40,300,1.0,8", "1e-3,40,300,0.25,8", "1e-3,40,150,0.25,32", "1e-3,40,200,0.25,32",
+          "1e-3,40,300,0.25,32", "2e-3,40,150,0.25,32"]
 KEYS = ["mem.flagged_rate", "mem.own_match_rate", "mem.mean_sim", "mem.p95_sim", "quality.kid_mean", "quality.fid"]
 
 
@@ -37,11 +38,10 @@ def main() -> None:
     rows_out = []
     for spec in args.probe:
         lr, reps, steps, ratio, bs = (float(v) for v in spec.split(","))
-        q = p.model_copy(update={"train": p.train.model_copy(update={"batch_size": int(bs)})})
-        mask = dataclasses.replace(stages.full_mask(q, L), lr=lr)
+        mask = dataclasses.replace(stages.full_mask(p, L), lr=lr)
         rows = memorization_training_set(ctx.df, data_size_ratio=ratio, n_repeats=int(reps), seed=p.seed)
-        rec = stages.run_arm(q, L, ctx, mask, args.workdir / "probes" / spec.replace(",", "_"),
-                             rows=rows, steps=int(steps), seed=0)
+        rec = stages.run_arm(p, L, ctx, mask, args.workdir / "probes" / spec.replace(",", "_"),
+                             rows=rows, steps=int(steps), seed=0, batch_size=int(bs))
         m = rec["metrics"]
         rows_out.append({"lr": lr, "n_repeats": int(reps), "steps": int(steps), "data_size_ratio": ratio,
                          "batch": int(bs), "rows": len(rows), "train_s": round(m["train_seconds"], 1),
@@ -53,7 +53,8 @@ def main() -> None:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     print(f"threshold {floor['threshold']:.4f}; held-out false-positive floor {floor['heldout_flagged_rate']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"base_train": p.model.base_train.model_dump(), "threshold": floor["threshold"],
+    args.out.write_text(json.dumps({"base_train": p.model.base_train.model_dump(), "sample_steps": p.sample.steps,
+                                    "threshold": floor["threshold"],
                                     "heldout_flagged_rate": floor["heldout_flagged_rate"], "probes": rows_out}, indent=2))
 
 

@@ -161,6 +161,17 @@ def summary(params: str, root: str | None, wall: float | None = None):
     for k, v in rows:
         con.print(f"  {k:32s} {v}")
     con.print("  MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1  (http://127.0.0.1:5000)")
+    timings = L.reports / "demo_timings.json"
+    if timings.exists():
+        st = json.loads(timings.read_text())
+        con.print("  stage wall times: " + ", ".join(f"{k} {st['seconds'][k]:.0f} s" for k in st["order"]))
+    trials = L.search / "trials.csv"
+    if trials.exists():
+        import pandas as pd
+
+        w = pd.read_csv(trials)["wall_seconds"]
+        con.print(f"  per trial (fine-tune + evaluate): mean {w.mean():.1f} s, min {w.min():.1f} s, max {w.max():.1f} s "
+                  f"over {len(w)} trials")
     if wall is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         con.print(f"  wall time {wall / 60:.1f} min, peak RSS {peak:.0f} MiB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -110,7 +111,7 @@ def select(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 @flow(name="finetune")
 def finetune(params_path: str = "params.yaml", root: str | None = None) -> dict:
-    """Stage 2: fine-tune with the selected mask on the final training set, for each final seed."""
+    """Stage 2: fine-tune with the selected mask on the final (memorization-inducing) set, for each final seed."""
     p, r, L = _setup(params_path, root)
     mask = stages.final_arms(p, L)["selected"]
     digest = _data_digest(L)
@@ -162,11 +163,15 @@ def log_comparison(p: Params, root: str, records: dict[str, list[dict]]) -> str:
 
 @flow(name="demo")
 def demo(params_path: str = "params.yaml", root: str | None = None) -> dict:
-    """The whole chain on one process: prepare -> base -> reference -> search -> finetune -> compare."""
-    prepare(params_path, root)
-    base(params_path, root)
-    reference(params_path, root)
-    s = search(params_path, root)
-    finetune(params_path, root)
-    c = compare(params_path, root)
-    return {**s, **c}
+    """The whole chain on one process: prepare -> base -> reference -> search -> finetune -> compare.
+    Each stage's wall time goes to reports/demo_timings.json (the summary prints it)."""
+    _, _, L = _setup(params_path, root)
+    out, seconds = {}, {}
+    for fl in (prepare, base, reference, search, finetune, compare):
+        t0 = time.perf_counter()
+        res = fl(params_path, root)
+        seconds[fl.name] = round(time.perf_counter() - t0, 1)
+        if isinstance(res, dict):
+            out.update(res)
+    stages.write_json({"order": list(seconds), "seconds": seconds}, L.reports / "demo_timings.json")
+    return out

@@ -205,7 +205,7 @@ def run_audit_arm(p: Params, L: stages.Layout, ctx: stages.EvalContext, arm: Arm
                               encode=text_side.encode if needs_text else None,
                               words=text_side.words if needs_text else ())
     rec = stages.run_arm(p, L, ctx, arm.mask, out, rows=rows, steps=steps, seed=seed, progress=progress,
-                         train_hooks=hooks or None)
+                         train_hooks=hooks or None, batch_size=p.final.batch_size)
     old = json.loads(side.read_text()) if side.exists() else None
     if old is not None and old.get("key") == rec["key"] and old.get("aux") == aux and (out / "nearest.png").exists():
         extra, info = old["metrics"], old.get("info", {})
@@ -621,8 +621,8 @@ def _settings_list(p: Params, L: stages.Layout, steps: int, seeds, selected: Mas
                                   f"real flagged rate {th.get('heldout_flagged_rate', float('nan')):.3f})",
         "selected mask": (f"{selected.method}, {selected.mode} mode, LR {selected.lr:.3g}, enabled: "
                           f"{', '.join(selected.enabled()) or '(none)'}") if selected else "(none)",
-        "steps per arm": steps, "seeds": list(seeds), "batch size": p.train.batch_size,
-        "training rows": f"final_rows: all train, memorization subset x {p.final.n_repeats}",
+        "steps per arm": steps, "seeds": list(seeds), "batch size": p.final.batch_size,
+        "training rows": f"final_rows: {p.final.data_size_ratio:g} of train + memorization subset x {p.final.n_repeats}",
         "method learning rates": dict(p.audit.method_lr) | {"full": p.final.full_lr},
         "mitigations": p.audit.mitigations.model_dump(mode="json"),
         "extraction attack": (f"{p.audit.extraction.per_prompt} generations per memorization prompt, "
@@ -649,8 +649,8 @@ def report(p: Params, L: stages.Layout, records: list[dict], *, title: str, out_
             figs.append(("Search Pareto front with every baseline", pp,
                          "Grey: the search's trials (inner-loop setting: memorization-inducing subset, "
                          f"train.steps = {p.train.steps}); blue line: their Pareto front; red ring: the selected "
-                         f"trial; squares: audit arms (mean over seeds, Stage-2 setting: {steps} steps on the "
-                         "final training set). The two settings differ, so compare squares with squares."))
+                         f"trial; squares: audit arms (mean over seeds, Stage-2 setting: {steps} steps at batch "
+                         f"{p.final.batch_size} on the final training set). The two settings differ, so compare squares with squares."))
     figs.append(("Trade-off of the arms", tradeoff_plot(table, mem_key, q_key, fig_dir / "tradeoff.png"),
                  "Mean over seeds with std error bars; dashed: the arms' Pareto front. Red: full fine-tuning; "
                  "blue: the selected mask (alone and stacked)."))

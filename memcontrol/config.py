@@ -182,9 +182,12 @@ class Select(_Strict):
 
 
 class Final(_Strict):
-    """Stage 2: fine-tune on the full train set (no duplication) with the selected mask."""
+    """Stage 2: fine-tune with the selected mask (and full fine-tuning beside it) on a
+    memorization-inducing set: `data_size_ratio` of train + the memorization subset x `n_repeats`."""
 
     steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    data_size_ratio: float = Field(0.25, gt=0, le=1)
     n_repeats: int = Field(10, ge=1)
     full_lr: float = Field(2e-4, gt=0)
     seeds: tuple[int, ...] = (0,)

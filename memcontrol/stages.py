@@ -396,11 +396,15 @@ def run_arm(
     seed: int,
     progress: Progress = None,
     train_hooks: dict | None = None,
+    batch_size: int | None = None,
 ) -> dict:
-    """Fine-tune the base model with `mask` on `rows`, save the adapter, evaluate. Finished work
-    (metrics.json, written last) is reused when its configuration digest matches."""
+    """Fine-tune the base model with `mask` on `rows` (batch_size None: train.batch_size), save the
+    adapter, evaluate. Finished work (metrics.json, written last) is reused when its configuration
+    digest matches."""
+    batch_size = batch_size or p.train.batch_size
     key = {"mask": mask.digest(), "cfg": params_digest(p, "train", "sample", "metrics", "data", "model"),
-           "steps": steps, "seed": seed, "rows": hashlib.sha256("|".join(rows["id"]).encode()).hexdigest()[:12],
+           "steps": steps, "batch_size": batch_size, "seed": seed,
+           "rows": hashlib.sha256("|".join(rows["id"]).encode()).hexdigest()[:12],
            "hooks": sorted((train_hooks or {}).keys())}
     done = out_dir / "metrics.json"
     if done.exists():
@@ -416,7 +420,7 @@ def run_arm(
     t0 = time.perf_counter()
     res = finetune(
         bundle.unet, prepared.groups, ctx.encoded.train_data(rows), bundle.scheduler,
-        steps=steps, batch_size=p.train.batch_size, seed=seed, cfg_dropout=p.train.cfg_dropout,
+        steps=steps, batch_size=batch_size, seed=seed, cfg_dropout=p.train.cfg_dropout,
         grad_clip=p.train.grad_clip, weight_decay=p.train.weight_decay,
         mixed_precision=p.train.mixed_precision, gradient_checkpointing=p.train.gradient_checkpointing,
         device=device, progress=lambda s_, _l: _tick(progress, "fine-tune")(s_, steps), **(train_hooks or {}),
@@ -447,9 +451,12 @@ def search_rows(p: Params, ctx: EvalContext) -> pd.DataFrame:
 
 
 def final_rows(p: Params, ctx: EvalContext) -> pd.DataFrame:
-    """Stage 2's training set: all of train, the memorization subset still repeated (on the demo the
-    repeats stand in for the natural duplicates of a real dataset such as MIMIC-CXR)."""
-    return memorization_training_set(ctx.df, data_size_ratio=1.0, n_repeats=p.final.n_repeats, seed=p.seed)
+    """Stage 2's training set (also the audit's and transfer's): final.data_size_ratio of train + the
+    memorization subset x final.n_repeats. On the demo the repeats stand in for the natural duplicates
+    of a real dataset such as MIMIC-CXR; with all of train (ratio 1) and batch 8 the tiny model sees
+    each duplicate too rarely to memorize it (benchmarks/results/memorization_probe*.json)."""
+    return memorization_training_set(ctx.df, data_size_ratio=p.final.data_size_ratio, n_repeats=p.final.n_repeats,
+                                     seed=p.seed)
 
 
 # ---------------------------------------------------------------- Pareto front + selection
@@ -553,8 +560,10 @@ def write_comparison(p: Params, L: Layout, table: pd.DataFrame, records: dict[st
         "",
         f"Method `{p.tuning.method}` ({p.tuning.mode} mode); selected trial {sel.get('trial', '?')}, "
         f"enabled blocks: {', '.join(sel.get('enabled_blocks', [])) or '(none)'}.",
-        f"Stage-2 steps: {p.final.steps}; seeds: {list(p.final.seeds)}; memorization threshold "
-        f"{th['threshold']:.4f} ({th['mode']}, quantile {th['quantile']}, embedder {th['embedder']}).",
+        f"Stage 2: {p.final.steps} steps at batch {p.final.batch_size} on {p.final.data_size_ratio:g} of train + the "
+        f"memorization subset x {p.final.n_repeats}; seeds: {list(p.final.seeds)}; memorization threshold "
+        f"{th['threshold']:.4f} ({th['mode']}, quantile {th['quantile']}, embedder {th['embedder']}; held-out real "
+        f"flagged rate {th.get('heldout_flagged_rate', float('nan')):.3f}, the false-positive floor).",
         "",
         markdown_table(table[[c for c in cols if c in table.columns]]),
         "",

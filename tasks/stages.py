@@ -54,10 +54,11 @@ def run_arm(p: Params, root: str, mask_json: str, out_dir: str, *, arm: str, see
     """Fine-tune with one mask and evaluate it; data_digest is there only to key the cache."""
     L = _layout(root)
     ctx = stages.EvalContext(p, L)
-    rows = stages.search_rows(p, ctx) if arm == "trial" else stages.final_rows(p, ctx)
+    trial = arm == "trial"
+    rows = stages.search_rows(p, ctx) if trial else stages.final_rows(p, ctx)
     with bars() as progress:
         return stages.run_arm(p, L, ctx, Mask.from_json(mask_json), Path(out_dir), rows=rows, steps=steps,
-                              seed=seed, progress=progress)
+                              seed=seed, progress=progress, batch_size=None if trial else p.final.batch_size)
 
 
 @task(cache_policy=NO_CACHE)

@@ -78,6 +78,12 @@ def test_dvc_repro_builds_every_output(repro):
         assert 0 <= metrics[arm]["mem.flagged_rate"] <= 1 and metrics[arm]["quality.kid_mean"] == metrics[arm]["quality.kid_mean"]
     assert (work / "models/final/seed0/adapter.safetensors").exists()
     assert "Selected mask vs full fine-tuning" in (work / "reports/compare.md").read_text()
+    # Stage 2 (final + full) trains at final.batch_size, the trials at train.batch_size
+    for d in ("models/final/seed0", "models/full/seed0"):
+        key = json.loads((work / d / "metrics.json").read_text())["key"]
+        assert key["batch_size"] == 6 and key["steps"] == 4
+    trial_keys = [json.loads(f.read_text())["key"] for f in (work / "search/trials").glob("*/metrics.json")]
+    assert len(trial_keys) == 3 and {k["batch_size"] for k in trial_keys} == {4}
 
 
 def test_dvc_metrics_and_noop_repro(repro):
@@ -124,6 +130,21 @@ def test_prefect_recorded_completed_flow_runs(repro):
     out = _run([sys.executable, "-c", code], work)
     for name in ("prepare", "base", "reference", "search", "finetune", "compare"):
         assert name in out.splitlines()[-1]
+
+
+def test_demo_reuses_finished_work_and_prints_the_summary(repro, tmp_path):
+    work, _ = repro
+    copy = tmp_path / "demo"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns(".prefect", ".dvc", "dvc.lock"))
+    trials = pd.read_csv(copy / "search/trials.csv")
+    out = _run(["memcontrol", "demo"], copy)
+    t = json.loads((copy / "reports/demo_timings.json").read_text())
+    assert t["order"] == ["prepare", "base", "reference", "search", "finetune", "compare"]
+    assert all(t["seconds"][k] >= 0 for k in t["order"])
+    pd.testing.assert_frame_equal(pd.read_csv(copy / "search/trials.csv")[["number", "bits", "lr"]],
+                                  trials[["number", "bits", "lr"]])
+    for text in ("MemControl summary", "Chosen mask", "stage wall times", "per trial", "peak RSS"):
+        assert text in out
 
 
 def test_search_resumes_instead_of_restarting(repro):

@@ -81,3 +81,14 @@ def test_run_arm_trains_saves_and_reuses_finished_work(work):
     stamp = (out / "metrics.json").stat().st_mtime_ns
     again = stages.run_arm(p, L, ctx, mask, out, rows=stages.search_rows(p, ctx), steps=3, seed=0)
     assert again == json.loads((out / "metrics.json").read_text()) and (out / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_final_rows_follow_the_final_section(work):
+    p, L = work
+    ctx = stages.EvalContext(p, L)
+    train = ctx.df[ctx.df.split == "train"]
+    n_orig, n_mem = int((train.subset == "original").sum()), int((train.subset == "mem").sum())
+    for ratio, reps in ((0.5, 2), (1.0, 3)):
+        q = p.model_copy(update={"final": p.final.model_copy(update={"data_size_ratio": ratio, "n_repeats": reps})})
+        rows = stages.final_rows(q, ctx)
+        assert (rows.subset == "original").sum() == int(n_orig * ratio) and (rows.subset == "mem").sum() == n_mem * reps
