@@ -16,8 +16,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from memcontrol import stages
 from memcontrol.config import load_params
+from memcontrol.report import markdown_table
 from memcontrol.data.manifest import memorization_training_set
 
 # (lr, n_repeats, steps, data_size_ratio, batch): the default Stage 2, then longer / more mem-heavy
@@ -47,10 +50,7 @@ def main() -> None:
                          "batch": int(bs), "rows": len(rows), "train_s": round(m["train_seconds"], 1),
                          "wall_s": round(m["wall_seconds"], 1), **{k: round(float(m[k]), 4) for k in KEYS}})
     floor = json.loads((L.reference / "threshold.json").read_text())
-    cols = list(rows_out[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows_out:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(markdown_table(pd.DataFrame(rows_out)))
     print(f"threshold {floor['threshold']:.4f}; held-out false-positive floor {floor['heldout_flagged_rate']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"base_train": p.model.base_train.model_dump(), "sample_steps": p.sample.steps,

@@ -15,8 +15,11 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from memcontrol import stages, tuning
 from memcontrol.config import load_params
+from memcontrol.report import markdown_table
 
 KEYS = ["mem.flagged_rate", "mem.own_match_rate", "mem.mean_sim", "quality.kid_mean", "quality.fid"]
 
@@ -41,10 +44,7 @@ def main() -> None:
             m, _ = stages.evaluate(bundle, ctx)
             rows.append({"adapter": d.name, "method": mask.method, "steps": steps,
                          "eval_s": round(time.perf_counter() - t0, 1), **{k: round(float(m[k]), 4) for k in KEYS}})
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(markdown_table(pd.DataFrame(rows)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"base_train": p.model.base_train.model_dump(), "rows": rows}, indent=2))
 
