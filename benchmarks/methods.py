@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memcontrol.tuning import METHODS, Mask, apply, count_parameters  # noqa: E402
+from memcontrol.tuning import METHODS, Mask, apply, count_parameters, mask_for_model  # noqa: E402
 
 METHOD_ORDER = ("full", "attention", "bias", "norm", "lora", "svdiff", "difffit")
 
@@ -255,7 +255,7 @@ def run(
                 raise
             row = {"method": name, "error": f"out of memory: {str(err).splitlines()[0]}"}
             torch.cuda.empty_cache()
-        row["trainable_full_mode"] = count_parameters(base, Mask.for_model(base, name, lr))
+        row["trainable_full_mode"] = count_parameters(base, mask_for_model(base, name, lr))
         result["rows"].append(row)
         result["wall_s"] = time.perf_counter() - t_start
         print(_format_row(row), flush=True)

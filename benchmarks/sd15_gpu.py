@@ -35,7 +35,7 @@ def verify(device: str, precision: str, methods) -> bool:
     save/load into a fresh UNet gives bit-identical predictions. Prints one line per method."""
     import tempfile
 
-    from memcontrol.tuning import Mask, apply, load_adapter, save_adapter
+    from memcontrol.tuning import apply, load_adapter, mask_for_model, save_adapter
     from methods import _autocast
 
     dev = torch.device(device)
@@ -58,7 +58,7 @@ def verify(device: str, precision: str, methods) -> bool:
     y0 = predict(fresh())
     for method in methods:
         unet = fresh()
-        mask = Mask.for_model(unet, method, 1e-3, mode="full")
+        mask = mask_for_model(unet, method, 1e-3, mode="full")
         prepared = apply(unet, mask)
         identity = torch.equal(predict(unet), y0)
         opt = torch.optim.AdamW(prepared.groups)

@@ -20,7 +20,7 @@ from memcontrol.models.bundle import ModelError, load_bundle
 from memcontrol.models.clip import VOCAB_SIZE, clip_tokenizer
 from memcontrol.sample import generate, initial_noise, item_seed
 from memcontrol.train import TrainData, finetune
-from memcontrol.tuning import Mask, apply, block_layout, reference_layout
+from memcontrol.tuning import Mask, apply, block_layout, mask_for_model, reference_layout
 from sd_style import SD15_BLOCKS, build_sd_style
 
 RES = 64
@@ -191,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_training(sd_folder, real_train_da
     for ckpt in (False, True):
         unet = copy.deepcopy(base.unet)
         torch.manual_seed(0)  # LoRA's A matrices are drawn at injection
-        prepared = apply(unet, Mask.for_model(unet, method, lr=1e-3, options={"rank": 2} if method == "lora" else {}))
+        prepared = apply(unet, mask_for_model(unet, method, lr=1e-3, options={"rank": 2} if method == "lora" else {}))
         res = finetune(unet, prepared.groups, real_train_data, base.scheduler, steps=4, batch_size=2, seed=0,
                        gradient_checkpointing=ckpt, device="cpu")
         runs.append((res.losses, {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}))

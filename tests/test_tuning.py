@@ -21,6 +21,7 @@ from memcontrol.tuning import (
     count_parameters,
     enumerate_blocks,
     load_adapter,
+    mask_for_model,
     reference_layout,
     register,
     save_adapter,
@@ -100,7 +101,7 @@ def case_mask(case, unet=None, lr=1e-2) -> Mask:
     _, method, mode, bits, granularity, options = case
     if bits is None:
         return Mask(method, (), (), lr, mode=mode, options=options)
-    return Mask.for_model(unet or make_unet(), method, lr, bits, mode=mode, granularity=granularity, options=options)
+    return mask_for_model(unet or make_unet(), method, lr, bits, mode=mode, granularity=granularity, options=options)
 
 
 def train(unet, prepared, inputs, steps=3):
@@ -198,7 +199,7 @@ def test_adapter_roundtrip(case, inputs, tmp_path):
 
 def test_unknown_block_raises():
     unet = make_unet()
-    good = Mask.for_model(unet, "svdiff", 1e-3)
+    good = mask_for_model(unet, "svdiff", 1e-3)
     blocks = list(good.blocks)
     blocks[1] = "mid_block.attentions.7"
     bad = Mask("svdiff", tuple(blocks), good.bits, 1e-3)
@@ -215,28 +216,28 @@ def test_unknown_block_raises():
     with torch.device("meta"):
         big = UNet2DConditionModel.from_config(SD15)
     with pytest.raises(MaskError, match=r"down_blocks\.0\.attentions\.1"):
-        apply(make_unet(), Mask.for_model(big, "difffit", 1e-4))
+        apply(make_unet(), mask_for_model(big, "difffit", 1e-4))
 
 
 def test_mask_errors():
     unet = make_unet()
     with pytest.raises(MaskError, match="nothing trainable"):
-        apply(unet, Mask.for_model(unet, "lora", 1e-3, [0, 0, 0, 0]))
+        apply(unet, mask_for_model(unet, "lora", 1e-3, [0, 0, 0, 0]))
     with pytest.raises(MaskError, match="no reference bit layout"):
-        Mask.for_model(unet, "bias", 1e-3, mode="reference")
+        mask_for_model(unet, "bias", 1e-3, mode="reference")
     with pytest.raises(MaskError, match="no reference bit layout"):
         apply(unet, Mask("lora", TINY_BLOCKS, (1, 1, 1, 1), 1e-3, mode="reference"))
     with pytest.raises(MaskError, match=r"unknown method 'ia3'.*'svdiff'"):
         apply(unet, Mask("ia3", TINY_BLOCKS, (1, 1, 1, 1), 1e-3))
     with pytest.raises(MaskError, match=r"no options \['ranks'\]"):
-        apply(unet, Mask.for_model(unet, "lora", 1e-3, options={"ranks": 4}))
+        apply(unet, mask_for_model(unet, "lora", 1e-3, options={"ranks": 4}))
     with pytest.raises(MaskError, match="rank"):
-        apply(unet, Mask.for_model(unet, "lora", 1e-3, options={"rank": 0}))
+        apply(unet, mask_for_model(unet, "lora", 1e-3, options={"rank": 0}))
     with pytest.raises(ValueError, match="already registered"):
         register(METHODS["bias"])
-    apply(unet, Mask.for_model(unet, "bias", 1e-3))
+    apply(unet, mask_for_model(unet, "bias", 1e-3))
     with pytest.raises(MaskError, match="already has an adapter"):
-        apply(unet, Mask.for_model(unet, "norm", 1e-3))
+        apply(unet, mask_for_model(unet, "norm", 1e-3))
 
 
 def test_mask_json_roundtrip_and_digest(tmp_path):
@@ -277,7 +278,7 @@ def test_mask_json_roundtrip_and_digest(tmp_path):
 def test_transfer(inputs, tmp_path):
     """A mask found on one model applies to another model of the same architecture (paper's transfer)."""
     source = make_unet(seed=0)
-    mask = Mask.for_model(source, "svdiff", 1e-3, [0, 1, 1, 0])
+    mask = mask_for_model(source, "svdiff", 1e-3, [0, 1, 1, 0])
     train(source, apply(source, mask), inputs, steps=1)
     saved = save_adapter(tmp_path, source, mask)
 
@@ -291,7 +292,7 @@ def test_transfer(inputs, tmp_path):
 
 def test_load_adapter_is_strict(inputs, tmp_path):
     unet = make_unet()
-    mask = Mask.for_model(unet, "difffit", 1e-3, [1, 1, 0, 0])
+    mask = mask_for_model(unet, "difffit", 1e-3, [1, 1, 0, 0])
     train(unet, apply(unet, mask), inputs, steps=1)
     save_adapter(tmp_path, unet, mask)
     tensors = load_file(tmp_path / ADAPTER_FILE)
@@ -316,7 +317,7 @@ def test_load_adapter_is_strict(inputs, tmp_path):
 
 def test_svdiff_rebuilds_once_per_update(inputs):
     unet = make_unet()
-    prepared = apply(unet, Mask.for_model(unet, "svdiff", 1e-3))
+    prepared = apply(unet, mask_for_model(unet, "svdiff", 1e-3))
     layers = svdiff.shifts(unet)
     count = lambda: sum(s.rebuilds for s in layers)  # noqa: E731
     start = count()
@@ -369,7 +370,7 @@ def test_svdiff_gradient_matches_the_formula():
 @pytest.mark.parametrize("method", ["svdiff", "difffit", "lora"])
 def test_adapters_run_under_autocast(method, inputs):
     unet = make_unet()
-    prepared = apply(unet, Mask.for_model(unet, method, 1e-3))
+    prepared = apply(unet, mask_for_model(unet, method, 1e-3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = unet(*inputs).sample
     assert out.dtype == torch.bfloat16
@@ -398,7 +399,7 @@ def test_granularity_options():
     assert reference_layout(unet, "svdiff") == TINY_BLOCKS[:3]
     assert block_layout(unet, "attention", "reference") == TINY_BLOCKS
     # finer granularity splits the same parameters: all sublayers on = attn1/attn2/ff of every block
-    full_on = count_parameters(unet, Mask.for_model(unet, "full", 1e-3, granularity="sublayer"))
+    full_on = count_parameters(unet, mask_for_model(unet, "full", 1e-3, granularity="sublayer"))
     expect = sum(p.numel() for n, p in unet.named_parameters() if any(f".{s}." in n for s in ("attn1", "attn2", "ff")))
     assert full_on == expect
 
@@ -457,7 +458,7 @@ def test_sd15_parameter_count_parity(sd15, method, mode, bits, options, expected
     if bits is None:
         mask = Mask(method, (), (), 1e-4, mode="reference", options=options)
     else:
-        mask = Mask.for_model(sd15, method, 1e-4, mode=mode, options=options)
+        mask = mask_for_model(sd15, method, 1e-4, mode=mode, options=options)
         mask = mask.with_bits([1 if bits == "ones" else 0] * len(mask.bits))
     assert count_parameters(sd15, mask) == expected
 

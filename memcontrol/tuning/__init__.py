@@ -19,7 +19,7 @@ from torch import nn
 
 from memcontrol.tuning import attention, bias, difffit, full, lora, norm, svdiff
 from memcontrol.tuning._base import Candidate, Method
-from memcontrol.tuning.blocks import block_layout, check_blocks, enumerate_blocks, reference_layout
+from memcontrol.tuning.blocks import block_layout, check_blocks, enumerate_blocks, mask_for_model, reference_layout
 from memcontrol.tuning.mask import GRANULARITIES, MODES, Mask, MaskError, Options
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ __all__ = [
     "enumerate_blocks",
     "get_method",
     "load_adapter",
+    "mask_for_model",
     "reference_layout",
     "register",
     "save_adapter",

@@ -8,10 +8,12 @@ hard-coded list. A block owns every parameter whose name starts with ``<block>.`
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
-from memcontrol.tuning.mask import GRANULARITIES, MODES, MaskError
+from memcontrol.tuning.mask import GRANULARITIES, MODES, Mask, MaskError, Options
 
 _SECTION = r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)"
 _PATTERNS = {
@@ -85,7 +87,23 @@ def block_layout(unet: nn.Module, method: str, mode: str = "full", granularity: 
     return enumerate_blocks(unet, granularity)
 
 
-def check_blocks(unet: nn.Module, mask) -> None:
+def mask_for_model(
+    unet: nn.Module,
+    method: str,
+    lr: float,
+    bits=None,
+    *,
+    mode: str = "full",
+    granularity: str = "transformer",
+    options: Mapping[str, Any] | None = None,
+) -> Mask:
+    """A mask over ``unet``'s block layout for ``method``/``mode``; ``bits=None`` sets all to 1."""
+    blocks = block_layout(unet, method, mode, granularity)
+    bits = (1,) * len(blocks) if bits is None else tuple(bits)
+    return Mask(method, blocks, bits, lr, mode, granularity, Options(options))
+
+
+def check_blocks(unet: nn.Module, mask: Mask) -> None:
     """Raise :class:`MaskError` unless ``mask.blocks`` is exactly ``unet``'s layout for the mask.
 
     Names the model lacks are listed first (the transfer error); then layout blocks the mask

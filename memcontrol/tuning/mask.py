@@ -129,26 +129,7 @@ class Mask:
                 raise MaskError(f"mask field `options` must be a mapping, got {self.options!r}")
             object.__setattr__(self, "options", Options(self.options))
 
-    # -- constructors ------------------------------------------------------------------------
-    @classmethod
-    def for_model(
-        cls,
-        unet,
-        method: str,
-        lr: float,
-        bits=None,
-        *,
-        mode: str = "full",
-        granularity: str = "transformer",
-        options: Mapping[str, Any] | None = None,
-    ) -> Mask:
-        """A mask over ``unet``'s block layout for ``method``/``mode``; ``bits=None`` sets all to 1."""
-        from memcontrol.tuning.blocks import block_layout
-
-        blocks = block_layout(unet, method, mode, granularity)
-        bits = (1,) * len(blocks) if bits is None else tuple(bits)
-        return cls(method, blocks, bits, lr, mode, granularity, Options(options))
-
+    # -- derived masks (a mask over a model's own layout: memcontrol.tuning.blocks.mask_for_model) --
     def with_bits(self, bits) -> Mask:
         """Same blocks and settings, other bits (``trainable_params`` is cleared)."""
         return dataclasses.replace(self, bits=tuple(bits), trainable_params=None)
