@@ -37,7 +37,9 @@ import torch
 from memcontrol import assets
 from memcontrol.embed import build_embedder, read_image, square_image
 from memcontrol.extraction import REFERENCE_RMS_THRESHOLD, calibrate_tile_threshold, extract_prompt, tile_distance
-from memcontrol.memorization import AUGMENTATION_LEVELS, calibrate_threshold, copy_detection_rates, ReferenceIndex
+from memcontrol.memorization import calibrate_threshold
+from memcontrol.reference_index import ReferenceIndex
+from memcontrol.validation import AUGMENTATION_LEVELS, copy_detection_rates
 
 PHOTOS = (
     "astronaut.png brick.png camera.png cell.png chelsea.png coffee.png coins.png grass.png gravel.png horse.png "

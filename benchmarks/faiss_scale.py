@@ -33,7 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memcontrol.memorization import ReferenceIndex, brute_force_search
+from memcontrol.reference_index import ReferenceIndex, brute_force_search
 
 
 class Synthetic:

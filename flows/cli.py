@@ -131,41 +131,44 @@ def summary(params: str, root: str | None, wall: float | None = None):
     from rich.table import Table
 
     from memcontrol.config import load_params
-    from memcontrol.stages import Layout
+    from memcontrol.workdir import Layout
 
-    p = load_params(params)
-    L = Layout(Path(root or p.workdir).resolve())
+    config = load_params(params)
+    layout = Layout(Path(root or config.workdir).resolve())
     con = Console()
-    metrics = json.loads((L.reports / "metrics.json").read_text())
-    info = json.loads(L.selected.with_name("selected_info.json").read_text())
-    t = Table(title="MemControl summary")
-    for c in ("arm", "trainable %", "memorized (flagged)", "own-image match", "mean NN sim", "KID", "FID"):
-        t.add_column(c, justify="right" if c != "arm" else "left")
+    metrics = json.loads((layout.reports / "metrics.json").read_text())
+    info = json.loads(layout.selected_info.read_text())
+    table = Table(title="MemControl summary")
+    for column in ("arm", "trainable %", "memorized (flagged)", "own-image match", "mean NN sim", "KID", "FID"):
+        table.add_column(column, justify="right" if column != "arm" else "left")
 
-    def f(v, fmt=".3f"):
-        return "-" if v is None else format(v, fmt)
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
 
     for arm, m in metrics.items():
-        t.add_row(arm, f(m.get("trainable_pct"), ".4f"), f(m.get("mem.flagged_rate")), f(m.get("mem.own_match_rate")),
-                  f(m.get("mem.mean_sim")), f(m.get("quality.kid_mean"), ".4f"), f(m.get("quality.fid"), ".2f"))
-    con.print(t)
+        table.add_row(arm, fmt(m.get("trainable_pct"), ".4f"), fmt(m.get("mem.flagged_rate")),
+                      fmt(m.get("mem.own_match_rate")), fmt(m.get("mem.mean_sim")), fmt(m.get("quality.kid_mean"), ".4f"),
+                      fmt(m.get("quality.fid"), ".2f"))
+    con.print(table)
     con.print(f"[bold]Chosen mask[/] (trial {info['trial']}): {', '.join(info['enabled_blocks']) or '(none)'}")
     rows = [
-        ("manifest", L.manifest), ("base model (diffusers folder)", L.base), ("base samples", L.reports / "base_samples.png"),
-        ("FAISS index + threshold", L.reference), ("Optuna study (SQLite)", L.study_db),
-        ("trials table", L.search / "trials.csv"), ("Pareto front", L.search / "pareto.csv"),
-        ("Pareto plot", L.search / "pareto.png"), ("selected mask", L.selected), ("final model (adapter)", L.final),
-        ("comparison report", L.reports / "compare.md"), ("metrics (DVC)", L.reports / "metrics.json"),
-        ("MLflow store", p.tracking.mlflow_uri),
+        ("manifest", layout.manifest), ("base model (diffusers folder)", layout.base),
+        ("base samples", layout.reports / "base_samples.png"),
+        ("FAISS index + threshold", layout.reference), ("Optuna study (SQLite)", layout.study_db),
+        ("trials table", layout.search / "trials.csv"), ("Pareto front", layout.search / "pareto.csv"),
+        ("Pareto plot", layout.search / "pareto.png"), ("selected mask", layout.selected),
+        ("final model (adapter)", layout.final),
+        ("comparison report", layout.reports / "compare.md"), ("metrics (DVC)", layout.reports / "metrics.json"),
+        ("MLflow store", config.tracking.mlflow_uri),
     ]
     for k, v in rows:
         con.print(f"  {k:32s} {v}")
     con.print("  MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1  (http://127.0.0.1:5000)")
-    timings = L.reports / "demo_timings.json"
+    timings = layout.reports / "demo_timings.json"
     if timings.exists():
         st = json.loads(timings.read_text())
         con.print("  stage wall times: " + ", ".join(f"{k} {st['seconds'][k]:.0f} s" for k in st["order"]))
-    trials = L.search / "trials.csv"
+    trials = layout.search / "trials.csv"
     if trials.exists():
         import pandas as pd
 

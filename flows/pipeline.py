@@ -11,153 +11,153 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from memcontrol import search as S
-from memcontrol import stages
+from memcontrol.base_model import block_list
+from memcontrol.compare import final_arms, summarize, write_comparison
 from memcontrol.config import OBJECTIVES, Params, load_params
+from memcontrol.evaluate import objective_values
+from memcontrol.selection import pareto_and_select
+from memcontrol.workdir import Layout, write_json
 from tasks import stages as T
 from tasks import tracking
 
 log = logging.getLogger(__name__)
 
 
-def _setup(params_path: str, root: str | None) -> tuple[Params, str, stages.Layout]:
-    p = load_params(params_path)
-    r = str(Path(root or p.workdir).resolve())
-    return p, r, stages.Layout(Path(r))
+def _setup(params_path: str, root: str | None) -> tuple[Params, str, Layout]:
+    params = load_params(params_path)
+    workdir = str(Path(root or params.workdir).resolve())
+    return params, workdir, Layout(Path(workdir))
 
 
 @flow(name="prepare")
 def prepare(params_path: str = "params.yaml", root: str | None = None) -> str:
-    p, r, _ = _setup(params_path, root)
-    return T.prepare(p, r)
+    params, workdir, _ = _setup(params_path, root)
+    return T.prepare(params, workdir)
 
 
 @flow(name="base")
 def base(params_path: str = "params.yaml", root: str | None = None) -> str:
-    p, r, _ = _setup(params_path, root)
-    return T.base(p, r)
+    params, workdir, _ = _setup(params_path, root)
+    return T.base(params, workdir)
 
 
 @flow(name="reference")
 def reference(params_path: str = "params.yaml", root: str | None = None) -> str:
-    p, r, _ = _setup(params_path, root)
-    return T.reference(p, r)
-
-
-def _data_digest(L: stages.Layout) -> str:
-    return T.digest(str(L.reference)) + T.digest(str(L.base))
+    params, workdir, _ = _setup(params_path, root)
+    return T.reference(params, workdir)
 
 
 @task(cache_policy=NO_CACHE)
-def log_trial(p: Params, root: str, parent_id: str, number: int, record: dict, trial_dir: str) -> str:
+def log_trial(params: Params, root: str, parent_id: str, number: int, record: dict, trial_dir: str) -> str:
     """One MLflow child run per trial."""
-    uri = tracking.tracking_uri(p.tracking.mlflow_uri, Path(root))
-    return tracking.log_child(uri, p.tracking.experiment, Path(root), parent_id, name=f"trial-{number:03d}",
+    uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
+    return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=f"trial-{number:03d}",
                               record=record, artifacts=[Path(trial_dir) / "grid.png"],
                               extra_params={"trial": number})
+
+
+def _open_study(params: Params, layout: Layout):
+    directions = [OBJECTIVES[o][1] for o in params.search.objectives]
+    return S.open_study(layout.study_db, params.search.study_name, sampler=params.search.sampler,
+                        seed=params.search.seed, population_size=params.search.population_size, directions=directions)
 
 
 @flow(name="search")
 def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The outer loop: ask a batch of masks, fine-tune + score each, tell, until n_trials complete.
     The study lives in SQLite, so a rerun after a crash or kill continues it."""
-    p, r, L = _setup(params_path, root)
-    blocks = stages.blocks_of(p, L)
-    directions = [OBJECTIVES[o][1] for o in p.search.objectives]
-    study = S.open_study(L.study_db, p.search.study_name, sampler=p.search.sampler, seed=p.search.seed,
-                         population_size=p.search.population_size, directions=directions)
+    params, workdir, layout = _setup(params_path, root)
+    blocks = block_list(params, layout)
+    study = _open_study(params, layout)
     study.set_user_attr("blocks", list(blocks))
     S.recover_interrupted(study)
-    uri = tracking.tracking_uri(p.tracking.mlflow_uri, Path(r))
-    parent = tracking.parent_run(uri, p.tracking.experiment, Path(r), kind="study", name=p.search.study_name,
-                                 params={"method": p.tuning.method, "mode": p.tuning.mode, "sampler": p.search.sampler,
-                                         "seed": p.search.seed, "n_trials": p.search.n_trials,
-                                         "objectives": ",".join(p.search.objectives), "blocks": ",".join(blocks),
-                                         "inner_steps": p.train.steps})
-    digest = _data_digest(L)
-    space = S.search_space(len(blocks), p.search.lr_min, p.search.lr_max)
-    while (left := p.search.n_trials - S.n_finished(study)) > 0:
-        batch = S.ask_batch(study, space, min(p.search.batch_size, left))
+    uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
+    parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="study",
+                                 name=params.search.study_name,
+                                 params={"method": params.tuning.method, "mode": params.tuning.mode,
+                                         "sampler": params.search.sampler, "seed": params.search.seed,
+                                         "n_trials": params.search.n_trials,
+                                         "objectives": ",".join(params.search.objectives), "blocks": ",".join(blocks),
+                                         "inner_steps": params.train.steps})
+    space = S.search_space(len(blocks), params.search.lr_min, params.search.lr_max)
+    while (left := params.search.n_trials - S.n_finished(study)) > 0:
+        batch = S.ask_batch(study, space, min(params.search.batch_size, left))
         for trial in batch:
-            mask = S.mask_of(trial.params, blocks, method=p.tuning.method, mode=p.tuning.mode,
-                             granularity=p.tuning.granularity, options=p.tuning.options)
-            out = L.trials / mask.digest()
-            trial.set_user_attr("trial_dir", str(out.relative_to(L.root)))
+            mask = S.mask_of(trial.params, blocks, method=params.tuning.method, mode=params.tuning.mode,
+                             granularity=params.tuning.granularity, options=params.tuning.options)
+            out = layout.trials / mask.digest()
+            trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
             try:
-                rec = T.run_arm(p, r, mask.to_json(), str(out), arm="trial", seed=p.seed, steps=p.train.steps,
-                                data_digest=digest)
+                rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
+                                steps=params.train.steps)
             except Exception as e:  # one broken candidate must not end the study
                 log.exception("trial %d failed", trial.number)
                 S.tell(study, trial, None, reason=f"{type(e).__name__}: {e}")
                 continue
             trial.set_user_attr("record", json.dumps(rec, default=str))
-            S.tell(study, trial, stages.objective_values(p, rec["metrics"]))
-            log_trial(p, r, parent, trial.number, rec, str(out))
-    sel = stages.pareto_and_select(p, L, study)
-    tracking.log_files(uri, p.tracking.experiment, Path(r), parent,
-                       [L.search / "pareto.csv", L.search / "trials.csv", L.search / "pareto.png", L.selected],
+            S.tell(study, trial, objective_values(params, rec["metrics"]))
+            log_trial(params, workdir, parent, trial.number, rec, str(out))
+    sel = pareto_and_select(params, layout, study)
+    tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
+                       [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",
+                        layout.selected],
                        metrics={"selected_trial": sel["trial"], "n_complete": S.n_finished(study)}, finish=True)
-    return {"study": str(L.study_db), "selected": str(L.selected), "trial": sel["trial"]}
+    return {"study": str(layout.study_db), "selected": str(layout.selected), "trial": sel["trial"]}
 
 
 @flow(name="select")
 def select(params_path: str = "params.yaml", root: str | None = None) -> str:
     """Re-run only the selection rule over the finished study (e.g. after changing select.*)."""
-    p, r, L = _setup(params_path, root)
-    directions = [OBJECTIVES[o][1] for o in p.search.objectives]
-    study = S.open_study(L.study_db, p.search.study_name, sampler=p.search.sampler, seed=p.search.seed,
-                         population_size=p.search.population_size, directions=directions)
-    return str(stages.pareto_and_select(p, L, study)["mask"])
+    params, _, layout = _setup(params_path, root)
+    return str(pareto_and_select(params, layout, _open_study(params, layout))["mask"])
 
 
 @flow(name="finetune")
 def finetune(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """Stage 2: fine-tune with the selected mask on the final (memorization-inducing) set, for each final seed."""
-    p, r, L = _setup(params_path, root)
-    mask = stages.final_arms(p, L)["selected"]
-    digest = _data_digest(L)
+    params, workdir, layout = _setup(params_path, root)
+    mask = final_arms(params, layout)["selected"]
     recs = {}
-    for seed in p.final.seeds:
-        out = L.final / f"seed{seed}"
-        recs[seed] = T.run_arm(p, r, mask.to_json(), str(out), arm="final", seed=seed, steps=p.final.steps,
-                               data_digest=digest)
-    return {"final": str(L.final), "seeds": list(recs)}
+    for seed in params.final.seeds:
+        out = layout.final / f"seed{seed}"
+        recs[seed] = T.run_arm(params, workdir, mask.to_json(), str(out), arm="final", seed=seed,
+                               steps=params.final.steps)
+    return {"final": str(layout.final), "seeds": list(recs)}
 
 
 @flow(name="compare")
 def compare(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The selected mask's final model against full fine-tuning (same data, steps, seeds, metrics)
     and the base model; table to reports/ and MLflow."""
-    p, r, L = _setup(params_path, root)
-    digest = _data_digest(L)
-    arms = stages.final_arms(p, L)
+    params, workdir, layout = _setup(params_path, root)
+    arms = final_arms(params, layout)
     records: dict[str, list[dict]] = {"selected": [], "full": []}
-    for seed in p.final.seeds:
-        sel_dir = L.final / f"seed{seed}"
-        records["selected"].append(T.run_arm(p, r, arms["selected"].to_json(), str(sel_dir), arm="final",
-                                             seed=seed, steps=p.final.steps, data_digest=digest))
-        records["full"].append(T.run_arm(p, r, arms["full"].to_json(), str(L.root / "models" / "full" / f"seed{seed}"),
-                                         arm="final", seed=seed, steps=p.final.steps, data_digest=digest))
-    base_metrics = T.evaluate_base(p, r)
-    table = stages.summarize(p, L, records, base_metrics)
-    out = stages.write_comparison(p, L, table, records)
-    log_comparison(p, r, records)
+    for seed in params.final.seeds:
+        for arm, out in (("selected", layout.final), ("full", layout.full)):
+            records[arm].append(T.run_arm(params, workdir, arms[arm].to_json(), str(out / f"seed{seed}"),
+                                          arm="final", seed=seed, steps=params.final.steps))
+    base_metrics = T.evaluate_base(params, workdir)
+    table = summarize(params, layout, records, base_metrics)
+    out = write_comparison(params, layout, table)
+    log_comparison(params, workdir, records)
     return out
 
 
 @task(cache_policy=NO_CACHE)
-def log_comparison(p: Params, root: str, records: dict[str, list[dict]]) -> str:
+def log_comparison(params: Params, root: str, records: dict[str, list[dict]]) -> str:
     """An MLflow `compare` parent run with one child per arm and seed, plus the report files."""
-    L = stages.Layout(Path(root))
-    uri = tracking.tracking_uri(p.tracking.mlflow_uri, Path(root))
-    parent = tracking.parent_run(uri, p.tracking.experiment, Path(root), kind="compare", name=p.search.study_name,
-                                 params={"final_steps": p.final.steps, "seeds": list(p.final.seeds)})
+    layout = Layout(Path(root))
+    uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
+    parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="compare",
+                                 name=params.search.study_name,
+                                 params={"final_steps": params.final.steps, "seeds": list(params.final.seeds)})
     for arm, recs in records.items():
-        for seed, rec in zip(p.final.seeds, recs):
-            tracking.log_child(uri, p.tracking.experiment, Path(root), parent, name=f"{arm}-seed{seed}", record=rec,
-                               extra_params={"arm": arm, "seed": seed})
-    tracking.log_files(uri, p.tracking.experiment, Path(root), parent,
-                       [L.reports / "compare.md", L.reports / "compare.csv", L.reports / "metrics.json",
-                        L.reports / "base_samples.png"], finish=True)
+        for seed, rec in zip(params.final.seeds, recs):
+            tracking.log_child(uri, params.tracking.experiment, layout.root, parent, name=f"{arm}-seed{seed}",
+                               record=rec, extra_params={"arm": arm, "seed": seed})
+    tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
+                       [layout.reports / "compare.md", layout.reports / "compare.csv", layout.reports / "metrics.json",
+                        layout.reports / "base_samples.png"], finish=True)
     return parent
 
 
@@ -165,13 +165,13 @@ def log_comparison(p: Params, root: str, records: dict[str, list[dict]]) -> str:
 def demo(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The whole chain on one process: prepare -> base -> reference -> search -> finetune -> compare.
     Each stage's wall time goes to reports/demo_timings.json (the summary prints it)."""
-    _, _, L = _setup(params_path, root)
+    _, _, layout = _setup(params_path, root)
     out, seconds = {}, {}
-    for fl in (prepare, base, reference, search, finetune, compare):
+    for stage in (prepare, base, reference, search, finetune, compare):
         t0 = time.perf_counter()
-        res = fl(params_path, root)
-        seconds[fl.name] = round(time.perf_counter() - t0, 1)
+        res = stage(params_path, root)
+        seconds[stage.name] = round(time.perf_counter() - t0, 1)
         if isinstance(res, dict):
             out.update(res)
-    stages.write_json({"order": list(seconds), "seconds": seconds}, L.reports / "demo_timings.json")
+    write_json({"order": list(seconds), "seconds": seconds}, layout.reports / "demo_timings.json")
     return out

@@ -21,13 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memcontrol import stages, tuning
+from memcontrol import tuning
+from memcontrol.audit.attack import tile_threshold as calibrated_tile_threshold
+from memcontrol.base_model import load_base
 from memcontrol.config import Params
 from memcontrol.data.images import save_png
+from memcontrol.evaluate import EvalContext
 from memcontrol.extraction import tile_distance
-from memcontrol.memorization import ReferenceIndex
+from memcontrol.reference_index import ReferenceIndex
 from memcontrol.sample import generate, item_seed
 from memcontrol.train import resolve_device
+from memcontrol.workdir import Layout, rows_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +84,9 @@ def screen(
     return out
 
 
-def release_prompts(ctx: stages.EvalContext, n: int, seed: int) -> pd.DataFrame:
+def release_prompts(ctx: EvalContext, n: int, seed: int) -> pd.DataFrame:
     """Distinct training prompts: every memorization prompt, then a seeded sample of the others, `n` in all."""
-    train = stages.rows_of(ctx.df, "train")
+    train = rows_of(ctx.df, "train")
     mem = train[train["subset"] == "mem"]["prompt"].drop_duplicates().tolist()
     other = train[train["subset"] != "mem"]["prompt"].drop_duplicates()
     other = other[~other.isin(mem)].tolist()
@@ -92,38 +96,37 @@ def release_prompts(ctx: stages.EvalContext, n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"prompt": prompts, "prompt_kind": kinds})
 
 
-def build_release(p: Params, L: stages.Layout, out_dir: Path | None = None, *, tile_threshold: float | None = None) -> dict:
+def build_release(params: Params, layout: Layout, out_dir: Path | None = None, *,
+                  tile_threshold: float | None = None) -> dict:
     """Generate, screen and write the release under `out_dir` (default <workdir>/release):
     images/<sample_id>.png for released samples only, manifest.csv + manifest.parquet for all
     samples, summary.json with the counts. Returns the summary."""
-    from memcontrol.audit import tile_threshold as calibrated_tile_threshold
-
-    r = p.release
-    out_dir = out_dir or L.root / "release"
-    adapter = L.final / f"seed{r.seed}"
+    r = params.release
+    out_dir = out_dir or layout.root / "release"
+    adapter = layout.final / f"seed{r.seed}"
     if not (adapter / tuning.MASK_FILE).exists():
         raise FileNotFoundError(f"release: no final model at {adapter} (run `memcontrol finetune`; release.seed={r.seed})")
-    ctx = stages.EvalContext(p, L)
-    bundle = stages.load_base(L, resolve_device(p.train.device))
+    ctx = EvalContext(params, layout)
+    bundle = load_base(layout, resolve_device(params.train.device))
     mask = tuning.load_adapter(adapter, bundle.unet)
     res = bundle.resolution
-    pr = release_prompts(ctx, r.n_prompts, p.seed)
+    pr = release_prompts(ctx, r.n_prompts, params.seed)
     enc = ctx.encoded
     text = bundle.encode_prompts(pr["prompt"].tolist()).repeat_interleave(r.per_prompt, 0)
-    seeds = [item_seed(p.sample.seed + 7, i, k) for i in range(len(pr)) for k in range(r.per_prompt)]
-    imgs = generate(bundle, text, seeds, steps=p.sample.steps, guidance=p.sample.guidance,
-                    batch_size=p.sample.batch_size, null_text=enc.null_text)
+    seeds = [item_seed(params.sample.seed + 7, i, k) for i in range(len(pr)) for k in range(r.per_prompt)]
+    imgs = generate(bundle, text, seeds, steps=params.sample.steps, guidance=params.sample.guidance,
+                    batch_size=params.sample.batch_size, null_text=enc.null_text)
     feats = ctx.embedder.embed(imgs)
     thr = float(ctx.threshold["threshold"])
     train_imgs, tthr = None, None
     tfile = out_dir / "tile_threshold.json"
     if r.pixel_guard:
-        tthr = tile_threshold if tile_threshold is not None else calibrated_tile_threshold(p, ctx, tfile, res)
+        tthr = tile_threshold if tile_threshold is not None else calibrated_tile_threshold(params, ctx, tfile, res)
         train_imgs = ctx.train_images(list(ctx.ids["train"]), res)
-    if tile_threshold is not None or not r.pixel_guard or p.audit.extraction.threshold != "calibrated":
-        stages.write_json({"threshold": tthr, "pixel_guard": r.pixel_guard}, tfile)  # always there (a DVC out)
+    if tile_threshold is not None or not r.pixel_guard or params.audit.extraction.threshold != "calibrated":
+        write_json({"threshold": tthr, "pixel_guard": r.pixel_guard}, tfile)  # always there (a DVC out)
     table = screen(imgs, feats, ctx.index, list(ctx.ids["train"]), thr, train_images=train_imgs,
-                   tile_threshold=tthr, tiles=p.audit.extraction.tiles)
+                   tile_threshold=tthr, tiles=params.audit.extraction.tiles)
     table.insert(0, "sample_id", [f"syn-{i:05d}-{k}" for i in range(len(pr)) for k in range(r.per_prompt)])
     table.insert(1, "prompt", np.repeat(pr["prompt"].to_numpy(), r.per_prompt))
     table.insert(2, "prompt_kind", np.repeat(pr["prompt_kind"].to_numpy(), r.per_prompt))
@@ -165,7 +168,7 @@ def build_release(p: Params, L: stages.Layout, out_dir: Path | None = None, *, t
         "prompts": int(len(pr)),
         "per_prompt": r.per_prompt,
     }
-    stages.write_json(summary, out_dir / "summary.json")
+    write_json(summary, out_dir / "summary.json")
     log.info("release: %d generated, %d released, %d excluded", summary["n_generated"], summary["n_released"],
              summary["n_excluded"])
     return summary

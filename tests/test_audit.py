@@ -10,9 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from memcontrol import audit as A
 from memcontrol import release as R
-from memcontrol import stages
+from memcontrol.arms import final_rows, run_arm
+from memcontrol.audit.attack import tile_threshold
+from memcontrol.audit.render import display_table
+from memcontrol.audit.run import run_audit
+from memcontrol.audit.statistics import aggregate
+from memcontrol.audit.transfer import run_transfer, transfer_layout
+from memcontrol.base_model import base, block_list, load_base, model_resolution
+from memcontrol.evaluate import EvalContext
+from memcontrol.prepare import prepare
+from memcontrol.reference import reference
+from memcontrol.workdir import Layout
 from memcontrol.config import Params, load_params
 from memcontrol.data.manifest import COLUMNS, load_manifest
 from memcontrol.tuning import Mask
@@ -32,11 +41,11 @@ def work(tmp_path_factory):
     d["release"].update(n_prompts=6, per_prompt=2)
     d["tracking"]["mlflow_uri"] = "sqlite:///mlflow.db"
     p = Params.model_validate(d)
-    L = stages.Layout(root)
-    stages.prepare(p, L)
-    stages.base(p, L)
-    stages.reference(p, L)
-    blocks = stages.blocks_of(p, L)
+    L = Layout(root)
+    prepare(p, L)
+    base(p, L)
+    reference(p, L)
+    blocks = block_list(p, L)
     Mask(method="lora", blocks=blocks, bits=(1,) + (0,) * (len(blocks) - 1), lr=1e-3, options={"rank": 2}).save(L.selected)
     return p, L
 
@@ -50,7 +59,7 @@ def audited(work):
     p, L = work
     audit_task.fn(p, str(L.root))
     stamps = {a: (L.root / "audit" / "arms" / a / "seed0" / "metrics.json").stat().st_mtime_ns for a in p.audit.arms}
-    res = A.run_audit(p, L)
+    res = run_audit(p, L)
     return {**res, "stamps": stamps}
 
 
@@ -101,7 +110,7 @@ def test_finished_arms_are_reused_and_a_changed_mitigation_setting_retrains(work
     q = p.model_copy(update={"audit": p.audit.model_copy(update={
         "arms": ("unmasked+rwa+gn",), "mitigations": p.audit.mitigations.model_copy(update={"gn_sigma": 0.3})})})
     old = json.loads((L.root / "audit/arms/unmasked+rwa+gn/seed0/metrics.json").read_text())
-    new = A.run_audit(q, L)["records"][0]
+    new = run_audit(q, L)["records"][0]
     assert json.loads((Path(new["dir"]) / "audit.json").read_text())["aux"]["settings"]["gn_sigma"] == 0.3
     assert new["metrics"]["mem.mean_sim"] != old["metrics"]["mem.mean_sim"] or new["metrics"]["quality.fid"] != old["metrics"]["quality.fid"]
 
@@ -109,11 +118,11 @@ def test_finished_arms_are_reused_and_a_changed_mitigation_setting_retrains(work
 def test_aggregate_gives_mean_and_spread_over_seeds():
     recs = [{"arm": "a", "seed": s, "metrics": {"mem.mean_sim": v, "trainable": 10}} for s, v in enumerate([0.1, 0.2, 0.6])]
     recs.append({"arm": "b", "seed": 0, "metrics": {"mem.mean_sim": 0.5, "trainable": 3}})
-    t = A.aggregate(recs).set_index("arm")
+    t = aggregate(recs).set_index("arm")
     assert t.loc["a", "mem.mean_sim"] == pytest.approx(0.3) and t.loc["a", "n_seeds"] == 3
     assert t.loc["a", "mem.mean_sim.std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
     assert t.loc["a", "mem.mean_sim.max"] == 0.6 and pd.isna(t.loc["b"].get("mem.mean_sim.std"))
-    disp = A.display_table(A.aggregate(recs))
+    disp = display_table(aggregate(recs))
     assert disp.loc[0, "mean NN sim"] == "0.300 ± 0.265"
 
 
@@ -134,8 +143,8 @@ def test_audit_task_logs_a_parent_and_a_child_per_arm_and_seed(work, audited):
 
 def test_transfer_builds_a_separate_dataset_and_audits_the_mask_on_it(work):
     p, L = work
-    res = A.run_transfer(p, L)
-    T = A.transfer_layout(L)
+    res = run_transfer(p, L)
+    T = transfer_layout(L)
     df = load_manifest(T.manifest)
     assert list(df.columns) == COLUMNS and set(df["split"]) == {"train", "test"}
     mem = df[df["subset"] == "mem"]
@@ -153,18 +162,18 @@ def test_transfer_builds_a_separate_dataset_and_audits_the_mask_on_it(work):
 
 def test_screen_excludes_the_training_images_themselves(work):
     p, L = work
-    ctx = stages.EvalContext(p, L)
-    res = A.model_resolution(L)
+    ctx = EvalContext(p, L)
+    res = model_resolution(L)
     ids = list(ctx.ids["train"])[:10]
     imgs = ctx.train_images(ids, res)
     flipped = imgs.flip(-1)
     cands = torch.cat([imgs, flipped.clamp(0, 1)])
     emb_in = cands
     if p.metrics.reference_space == "decoded":  # the index holds VAE round trips of the training images
-        b = stages.load_base(L)
+        b = load_base(L)
         emb_in = b.decode(b.encode_images(cands * 2 - 1)[0])
     feats = ctx.embedder.embed(emb_in)
-    tthr = A.tile_threshold(p, ctx, L.root / "tt.json", res)
+    tthr = tile_threshold(p, ctx, L.root / "tt.json", res)
     out = R.screen(cands, feats, ctx.index, list(ctx.ids["train"]), ctx.threshold["threshold"],
                    train_images=ctx.train_images(list(ctx.ids["train"]), res), tile_threshold=tthr)
     assert not out["released"].iloc[:10].any()             # exact copies: never released
@@ -174,8 +183,8 @@ def test_screen_excludes_the_training_images_themselves(work):
 
 def test_release_writes_screened_images_and_a_manifest_without_training_images(work):
     p, L = work
-    ctx = stages.EvalContext(p, L)
-    stages.run_arm(p, L, ctx, Mask.load(L.selected), L.final / "seed0", rows=stages.final_rows(p, ctx), steps=2, seed=0)
+    ctx = EvalContext(p, L)
+    run_arm(p, L, ctx, Mask.load(L.selected), L.final / "seed0", rows=final_rows(p, ctx), steps=2, seed=0)
     s = R.build_release(p, L)
     out = L.root / "release"
     man = pd.read_csv(out / "manifest.csv", keep_default_na=False)
@@ -186,6 +195,6 @@ def test_release_writes_screened_images_and_a_manifest_without_training_images(w
     thr = ctx.threshold["threshold"]
     assert (man.loc[man["nn_sim"] > thr, "released"] == False).all()  # noqa: E712
     assert (man["prompt_kind"] == "memorization").sum() == 12  # 15 mem prompts > 6: all drawn from them
-    R.check_no_training_images(out, ctx.train_images(list(ctx.ids["train"]), A.model_resolution(L)),
+    R.check_no_training_images(out, ctx.train_images(list(ctx.ids["train"]), model_resolution(L)),
                                set(load_manifest(L.manifest)["sha256"]))
     assert json.loads((out / "summary.json").read_text())["n_excluded"] == s["n_excluded"]

@@ -18,17 +18,9 @@ from memcontrol.extraction import (
     extraction_attack,
     tile_distance,
 )
-from memcontrol.memorization import (
-    ReferenceIndex,
-    amd,
-    augmentations,
-    brute_force_search,
-    calibrate_threshold,
-    copy_detection_rates,
-    l2_normalise,
-    nn_scores,
-    noise_norm,
-)
+from memcontrol.memorization import amd, calibrate_threshold, nn_scores, noise_norm
+from memcontrol.reference_index import ReferenceIndex, brute_force_search, l2_normalise
+from memcontrol.validation import augmentations, copy_detection_rates
 
 SKIMAGE = assets.pkgdir("skimage") / "data"
 PHOTOS = "astronaut.png brick.png camera.png cell.png chelsea.png coffee.png coins.png grass.png gravel.png horse.png ihc.png moon.png page.png rocket.jpg text.png".split()

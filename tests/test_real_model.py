@@ -143,11 +143,11 @@ def test_load_bundle_errors_name_the_component(sd_folder, tmp_path):
 
 
 def test_search_on_sd_style_folder_and_user_csv(searched, sd_folder):
-    from memcontrol import stages
     from memcontrol.search import completed, open_study
+    from memcontrol.workdir import Layout
 
     root, out = searched
-    L = stages.Layout(root)
+    L = Layout(root)
     m = pd.read_parquet(L.manifest)
     assert len(m) == 17 and set(m["source"]) == {"user"} and (m["subset"] == "mem").sum() == 4
     assert json.loads((L.base / "source.json").read_text()) == {"path": str(sd_folder.resolve()), "resolution": RES}

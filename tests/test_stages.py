@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from memcontrol import stages
+from memcontrol.arms import final_rows, run_arm, search_rows
+from memcontrol.base_model import base, block_list, load_base
+from memcontrol.evaluate import EvalContext
+from memcontrol.prepare import prepare
+from memcontrol.reference import reference
+from memcontrol.workdir import Layout
 from memcontrol.config import load_params
 from memcontrol.sample import generate, initial_noise, item_seed
 from memcontrol.tuning import Mask
@@ -22,10 +27,10 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     shutil.copy(ROOT / "tests" / "micro_params.yaml", root / "params.yaml")
     p = load_params(root / "params.yaml")
-    L = stages.Layout(root)
-    stages.prepare(p, L)
-    stages.base(p, L)
-    stages.reference(p, L)
+    L = Layout(root)
+    prepare(p, L)
+    base(p, L)
+    reference(p, L)
     return p, L
 
 
@@ -40,7 +45,7 @@ def test_base_folder_loads_in_diffusers_pipeline_and_matches_our_sampler(work):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     p, L = work
-    bundle = stages.load_base(L)
+    bundle = load_base(L)
     pipe = StableDiffusionPipeline.from_pretrained(L.base, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     prompt = "No acute cardiopulmonary abnormality."
@@ -58,7 +63,7 @@ def test_reference_threshold_and_self_retrieval(work):
     p, L = work
     th = json.loads((L.reference / "threshold.json").read_text())
     ids = json.loads((L.reference / "ids.json").read_text())
-    ctx = stages.EvalContext(p, L)
+    ctx = EvalContext(p, L)
     sims, idx = ctx.index.search(ctx.train_feats[:5], k=1)
     assert (idx[:, 0] == np.arange(5)).all() and np.allclose(sims[:, 0], 1.0, atol=1e-4)
     assert len(ids["train"]) == 30 and th["n_heldout"] == 12
@@ -67,11 +72,11 @@ def test_reference_threshold_and_self_retrieval(work):
 
 def test_run_arm_trains_saves_and_reuses_finished_work(work):
     p, L = work
-    ctx = stages.EvalContext(p, L)
-    blocks = stages.blocks_of(p, L)
+    ctx = EvalContext(p, L)
+    blocks = block_list(p, L)
     mask = Mask(method="lora", blocks=blocks, bits=(1,) + (0,) * (len(blocks) - 1), lr=1e-3, options={"rank": 2})
     out = L.trials / mask.digest()
-    rec = stages.run_arm(p, L, ctx, mask, out, rows=stages.search_rows(p, ctx), steps=3, seed=0)
+    rec = run_arm(p, L, ctx, mask, out, rows=search_rows(p, ctx), steps=3, seed=0)
     m = rec["metrics"]
     assert 0 < m["trainable"] and 0 < m["trainable_pct"] < 100
     assert 0 <= m["mem.flagged_rate"] <= 1 and m["mem.n"] == 15 * p.sample.mem_seeds
@@ -79,16 +84,16 @@ def test_run_arm_trains_saves_and_reuses_finished_work(work):
     for f in ("adapter.safetensors", "mask.json", "metrics.json", "grid.png"):
         assert (out / f).exists()
     stamp = (out / "metrics.json").stat().st_mtime_ns
-    again = stages.run_arm(p, L, ctx, mask, out, rows=stages.search_rows(p, ctx), steps=3, seed=0)
+    again = run_arm(p, L, ctx, mask, out, rows=search_rows(p, ctx), steps=3, seed=0)
     assert again == json.loads((out / "metrics.json").read_text()) and (out / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_final_rows_follow_the_final_section(work):
     p, L = work
-    ctx = stages.EvalContext(p, L)
+    ctx = EvalContext(p, L)
     train = ctx.df[ctx.df.split == "train"]
     n_orig, n_mem = int((train.subset == "original").sum()), int((train.subset == "mem").sum())
     for ratio, reps in ((0.5, 2), (1.0, 3)):
         q = p.model_copy(update={"final": p.final.model_copy(update={"data_size_ratio": ratio, "n_repeats": reps})})
-        rows = stages.final_rows(q, ctx)
+        rows = final_rows(q, ctx)
         assert (rows.subset == "original").sum() == int(n_orig * ratio) and (rows.subset == "mem").sum() == n_mem * reps

@@ -1,0 +1,92 @@
+"""Stage `base`: the model every arm starts from.
+
+Real path: check that the user's diffusers folder (`model.path`) loads and point at it from
+`models/base/source.json`. Embedded default: pretrain the tiny Stable-Diffusion-architecture model
+on the manifest's `base` split (never fine-tuned on) and save it as a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from memcontrol.config import Params
+from memcontrol.data.images import load_images
+from memcontrol.encode import encode_manifest, image_paths
+from memcontrol.models import tiny
+from memcontrol.models.bundle import Bundle, load_bundle, save_bundle
+from memcontrol.models.pretrain import fit_scaling_factor, pretrain_vae
+from memcontrol.progress import Progress, ticker
+from memcontrol.report import image_grid, save_image
+from memcontrol.sample import generate, item_seed
+from memcontrol.train import finetune
+from memcontrol.tuning import block_layout
+from memcontrol.workdir import Layout, read_manifest, rows_of, write_json
+
+def point_at(layout: Layout, model_path: Path | str, resolution: int) -> Path:
+    """Make `layout.base` refer to a diffusers folder elsewhere (no copy of the weights)."""
+    return write_json({"path": str(model_path), "resolution": resolution}, layout.base / "source.json")
+
+
+def base_model_path(layout: Layout) -> Path:
+    """The diffusers folder of the base model: the user's folder, or models/base itself."""
+    src = layout.base / "source.json"
+    return Path(json.loads(src.read_text())["path"]) if src.exists() else layout.base
+
+
+def model_resolution(layout: Layout) -> int:
+    """The base model's image size, from its configs (no weights loaded)."""
+    src = layout.base / "source.json"
+    if src.exists():
+        return int(json.loads(src.read_text())["resolution"])
+    unet = json.loads((layout.base / "unet" / "config.json").read_text())
+    vae = json.loads((layout.base / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def base(params: Params, layout: Layout, progress: Progress = None) -> Path:
+    """Point at the user's model, or pretrain the tiny one; also draw a sample grid of it."""
+    if params.model.path is not None:
+        bundle = load_bundle(params.model.path)
+        layout.base.mkdir(parents=True, exist_ok=True)
+        point_at(layout, Path(params.model.path).resolve(), bundle.resolution)
+        return layout.base
+    df = read_manifest(layout)
+    rows = rows_of(df, "base")
+    if rows.empty:
+        raise ValueError(f"{layout.manifest}: no `base` rows to pretrain the tiny model on (set model.path for a real model)")
+    cfg, bt = params.model.tiny, params.model.base_train
+    torch.manual_seed(params.seed)
+    bundle = tiny.build(cfg, seed=params.seed)
+    images = load_images(image_paths(rows, layout.manifest.parent), cfg.resolution)
+    pretrain_vae(bundle.vae, images, steps=bt.vae_steps, lr=bt.vae_lr, batch_size=bt.batch_size,
+                 kl_weight=bt.vae_kl_weight, seed=params.seed,
+                 progress=lambda step, _loss: ticker(progress, "base: VAE")(step, bt.vae_steps))
+    bundle.vae.register_to_config(scaling_factor=fit_scaling_factor(bundle.vae, images))
+    encoded = encode_manifest(bundle, rows, layout.manifest.parent)
+    unet = bundle.unet
+    finetune(unet, [{"params": list(unet.parameters()), "lr": bt.unet_lr, "name": "unet"}],
+             encoded.train_data(rows), bundle.scheduler, steps=bt.unet_steps, batch_size=bt.batch_size,
+             seed=params.seed, cfg_dropout=0.1, device=params.train.device,
+             progress=lambda step, _loss: ticker(progress, "base: UNet")(step, bt.unet_steps))
+    unet.to("cpu").requires_grad_(False)
+    save_bundle(bundle, layout.base)
+    # A sample grid of the base model on held-out prompts, to see that it draws radiographs.
+    test = rows_of(df, "test").head(16)
+    text = bundle.encode_prompts(test["prompt"].tolist())
+    imgs = generate(bundle, text, [item_seed(params.sample.seed, i, 0) for i in range(len(test))],
+                    steps=params.sample.steps, guidance=params.sample.guidance)
+    layout.reports.mkdir(parents=True, exist_ok=True)
+    save_image(image_grid(imgs, cols=8, scale=2), layout.reports / "base_samples.png")
+    return layout.base
+
+
+def load_base(layout: Layout, device: str = "cpu") -> Bundle:
+    return load_bundle(base_model_path(layout)).to(device)
+
+
+def block_list(params: Params, layout: Layout, method: str | None = None) -> tuple[str, ...]:
+    """The search space's blocks: one bit per block of the base UNet for this method and mode."""
+    return block_layout(load_base(layout).unet, method or params.tuning.method, params.tuning.mode,
+                        params.tuning.granularity)

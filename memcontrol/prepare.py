@@ -1,0 +1,35 @@
+"""Stage `prepare`: the dataset (embedded default, or the user's CSV + image folder) validated into
+one manifest (data/processed/manifest.parquet; read back with `memcontrol.workdir.read_manifest`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from memcontrol.config import Params
+from memcontrol.data.manifest import save_manifest
+from memcontrol.workdir import Layout
+
+
+def prepare(params: Params, layout: Layout) -> Path:
+    """Ingest and validate the dataset into the manifest (paths relative to the manifest's folder)."""
+    if params.data.source == "demo":
+        from memcontrol.data.demo import build_demo
+
+        df = build_demo(layout.demo_dir, seed=params.seed, **params.data.demo.model_dump())
+        df["path"] = [os.path.relpath(layout.demo_dir / x, layout.manifest.parent) for x in df["path"]]
+    else:
+        from memcontrol.data.manifest import ingest_csv
+
+        c = params.data.csv
+        df = ingest_csv(
+            c.csv, c.image_root, path_column=c.path_column, text_column=c.text_column,
+            split_column=c.split_column, mem_csv=c.mem_csv, n_mem=c.n_mem,
+            test_fraction=c.test_fraction, seed=params.seed,
+        )
+        root = Path(c.image_root).resolve()
+        df["path"] = [x if Path(x).is_absolute() else str(root / x) for x in df["path"]]
+    layout.manifest.parent.mkdir(parents=True, exist_ok=True)
+    save_manifest(df, layout.manifest)
+    return layout.manifest
+

@@ -1,0 +1,60 @@
+"""After the search: the trials table, the Pareto front and the one mask the selection rule picks
+(docs/paper.md §2.3). Writes search/trials.csv, search/pareto.{csv,png} and masks/selected*.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import optuna
+import pandas as pd
+
+from memcontrol.config import OBJECTIVES, Params
+from memcontrol.pareto import is_pareto_front, select
+from memcontrol.report import pareto_plot
+from memcontrol.search import completed
+from memcontrol.tuning import Mask
+from memcontrol.workdir import Layout, write_csv, write_json
+
+
+def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
+    """One row per completed trial: number, lr, bits, objectives, every metric, Pareto flag."""
+    rows = []
+    for trial in completed(study):
+        rec = json.loads(trial.user_attrs["record"])
+        mask = rec["mask"]
+        row = {"number": trial.number, "lr": mask["lr"], "bits": "".join(map(str, mask["bits"])),
+               "enabled": ",".join(b for b, bit in zip(mask["blocks"], mask["bits"]) if bit),
+               "trial_dir": trial.user_attrs.get("trial_dir", "")}
+        for objective, value in zip(params.search.objectives, trial.values):
+            row[objective] = value
+        row.update(rec["metrics"])
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    directions = [OBJECTIVES[o][1] for o in params.search.objectives]
+    df["pareto"] = is_pareto_front(df[list(params.search.objectives)].to_numpy(), directions)
+    return df.sort_values("number").reset_index(drop=True)
+
+
+def pareto_and_select(params: Params, layout: Layout, study: optuna.Study) -> dict:
+    """Save the trials table, the Pareto front (CSV + plot) and the chosen mask (JSON)."""
+    df = trials_table(study, params)
+    if df.empty:
+        raise RuntimeError(f"{layout.study_db}: no completed trial to select from")
+    layout.search.mkdir(parents=True, exist_ok=True)
+    mem_o, q_o = params.search.objectives
+    front = df[df["pareto"]]
+    pick = select(front, mem=mem_o, quality=q_o, rule=params.select.rule,
+                  quality_tolerance=params.select.quality_tolerance)
+    write_csv(df, layout.search / "trials.csv")
+    write_csv(front, layout.search / "pareto.csv")
+    pareto_plot(df, x=mem_o, y=q_o, path=layout.search / "pareto.png", selected=int(pick["number"]))
+    rec = json.loads(study.trials[int(pick["number"])].user_attrs["record"])
+    mask = dataclasses.replace(Mask.from_json(json.dumps(rec["mask"])), trainable_params=int(pick["trainable"]))
+    layout.selected.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(layout.selected)
+    write_json({"trial": int(pick["number"]), "rule": params.select.rule, "metrics": rec["metrics"],
+                "enabled_blocks": list(mask.enabled())}, layout.selected_info)
+    return {"trial": int(pick["number"]), "mask": layout.selected}
