@@ -97,3 +97,39 @@ def test_final_rows_follow_the_final_section(work):
         q = p.model_copy(update={"final": p.final.model_copy(update={"data_size_ratio": ratio, "n_repeats": reps})})
         rows = final_rows(q, ctx)
         assert (rows.subset == "original").sum() == int(n_orig * ratio) and (rows.subset == "mem").sum() == n_mem * reps
+
+
+def test_an_edited_library_module_recomputes_the_arm_and_an_unchanged_rerun_reuses_it(work, tmp_path, monkeypatch):
+    """The arm's key covers the source of every module the arm imports: a real edit of a file in a
+    copy of the package recomputes the arm; an edit of a module the arm does not import does not."""
+    from memcontrol import reuse
+
+    p, L = work
+    code = tmp_path / "memcontrol"
+    shutil.copytree(Path(reuse.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(reuse, "CODE_ROOT", code)
+    ctx = EvalContext(p, L)
+    blocks = block_list(p, L)
+    mask = Mask(method="lora", blocks=blocks, bits=(0,) * (len(blocks) - 1) + (1,), lr=1e-3, options={"rank": 2})
+    out = L.root / "code_change" / mask.digest()
+    done = out / "metrics.json"
+
+    def arm() -> dict:
+        return run_arm(p, L, ctx, mask, out, rows=search_rows(p, ctx), steps=2, seed=0)
+
+    first = arm()
+    stamp = done.stat().st_mtime_ns
+    assert arm() == first and done.stat().st_mtime_ns == stamp  # unchanged rerun: reused
+
+    render = code / "audit" / "render.py"  # report rendering: not imported by an arm
+    render.write_text(render.read_text() + "\n# edited\n")
+    assert arm() == first and done.stat().st_mtime_ns == stamp
+
+    train = code / "train.py"  # the inner loop: imported by every arm
+    train.write_text(train.read_text().replace("beta 0.9/0.999", "betas 0.9/0.999"))
+    assert train.read_text() != (Path(reuse.__file__).parent / "train.py").read_text()
+    again = arm()
+    assert done.stat().st_mtime_ns != stamp and again["key"]["code"] != first["key"]["code"]
+    assert {k: v for k, v in again["key"].items() if k != "code"} == {k: v for k, v in first["key"].items() if k != "code"}
+    assert again["metrics"]["mem.mean_sim"] == first["metrics"]["mem.mean_sim"]  # same seed, same numbers
+    assert arm() == again  # and the recomputed record is reused in turn
