@@ -176,7 +176,7 @@ def bench_method(
         with torch.no_grad(), _autocast(device, precision):
             for t in sched.timesteps:
                 e_u, e_c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
-                z = sched.step(e_u + 4.0 * (e_c - e_u), t, z).prev_sample  # guidance 4 (reference.md §15.6)
+                z = sched.step(e_u + 4.0 * (e_c - e_u), t, z).prev_sample  # guidance 4 (docs/paper.md §4.3)
         return z
 
     with torch.no_grad(), _autocast(device, precision):

@@ -40,7 +40,7 @@ class Data(_Strict):
     source: Literal["demo", "csv"] = "demo"
     demo: DemoData = DemoData()
     csv: CsvData | None = None
-    # Memorization-inducing set (reference.md §3.3): a ratio of train + the mem subset x n_repeats.
+    # Memorization-inducing set (docs/paper.md §2.2): a ratio of train + the mem subset x n_repeats.
     data_size_ratio: float = Field(0.25, gt=0, le=1)
     n_repeats: int = Field(10, ge=1)
 
@@ -90,7 +90,7 @@ class Tuning(_Strict):
 
 
 class Train(_Strict):
-    """Inner loop (reference.md §3.3): AdamW, constant LR, eps-MSE, grad clip."""
+    """Inner loop (docs/paper.md §2.2): AdamW, constant LR, eps-MSE, grad clip."""
 
     steps: int = Field(150, ge=1)
     batch_size: int = Field(8, ge=1)

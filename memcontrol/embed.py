@@ -1,7 +1,7 @@
 """Image embedders behind one interface, for nearest-neighbour memorization search and FID/KID.
 
 Every embedder maps images ``(n, 3, H, W)`` float in ``[0, 1]`` (1-channel input is accepted and
-repeated) to ``(n, dim)`` float32 features, *not* normalised: `memorization.l2_normalise` is the one
+repeated) to ``(n, dim)`` float32 features, *not* normalised: `reference_index.l2_normalise` is the one
 place that normalises, after optional centring. Each embedder resizes and normalises its input as
 its model needs, runs under ``torch.no_grad`` in eval mode, and returns CPU numpy arrays.
 

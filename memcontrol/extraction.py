@@ -1,4 +1,4 @@
-"""Carlini et al.'s generate-and-cluster extraction attack (reference.md §7.1, §12).
+"""Carlini et al.'s generate-and-cluster extraction attack (docs/paper.md §4.4).
 
 For each prompt, several generations are compared pairwise with the tiled distance; generations
 closer than ``threshold`` are linked, connected components are found, and the prompt counts as

@@ -1,10 +1,10 @@
-"""Training-time memorization mitigations that stack on any mask (reference.md §9, §12).
+"""Training-time memorization mitigations that stack on any mask (docs/paper.md §5).
 
 Each mitigation plugs into one hook of :func:`memcontrol.train.finetune` or into the rows it trains on:
 
 - :class:`RandomWordAddition` (RWA, Somepalli et al. 2023b): ``k`` random vocabulary words inserted
   at random word positions of the caption, **drawn again every time a caption is used** (the
-  reference draws them once, when the dataset is built: reference.md §9). Text states are cached per
+  reference draws them once, when the dataset is built: docs/paper.md §5). Text states are cached per
   distinct prompt, so the augmented captions are encoded on the fly with the frozen text encoder
   (docs/results.md, "Mitigations", says why not a pool of pre-encoded variants).
 - :class:`GaussianTextNoise` (GN, Somepalli et al. 2023b): i.i.d. Gaussian noise on the text states.
@@ -161,7 +161,7 @@ class Compose:
 
 @dataclass
 class WenFilter:
-    """Wen et al.'s training-time mitigation as a ``finetune`` loss filter (reference.md §9).
+    """Wen et al.'s training-time mitigation as a ``finetune`` loss filter (docs/paper.md §5).
 
     ``threshold``: a float tau (drop ``g >= tau``) or ``"auto"`` (drop ``g >=`` the batch's
     ``quantile`` of g). ``g`` is computed without gradients, on the caption the loss uses (after CFG

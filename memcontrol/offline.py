@@ -1,5 +1,6 @@
-"""Offline and quiet settings for every entry point (docs/stack.md §2). Setting environment
-variables imports nothing, so the library stays free of Prefect/MLflow/DVC imports."""
+"""Offline and quiet settings for every entry point: the one list (scripts/env.sh exports the same for
+the shell scripts). Setting environment variables imports nothing, so the library stays free of
+Prefect/MLflow/DVC imports."""
 
 import os
 

@@ -101,7 +101,8 @@ def finetune(
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device == "cpu")
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # Trainable tensors stay fp32 under autocast (style.md §6.7); frozen weights are not touched.
+    # Trainable tensors stay fp32 under autocast (fp16 master weights lose small updates); frozen
+    # weights are not touched.
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} for g in groups],
         betas=(0.9, 0.999),

@@ -19,9 +19,8 @@ from memcontrol.data.manifest import load_manifest
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every stage reads and writes, relative to the working directory `root`.
-
-    The table of outputs in README.md ("Where the outputs land") lists the same paths."""
+    """Where every stage reads and writes, relative to the working directory `root`
+    (docs/architecture.md draws which stage writes which)."""
 
     root: Path
 

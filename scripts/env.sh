@@ -1,4 +1,4 @@
-# Offline, quiet settings for every entry point (docs/stack.md §2). Sourced by the scripts.
+# Offline, quiet settings for every entry point (the list of memcontrol/offline.py). Sourced by the scripts.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 unset PREFECT_API_URL 2>/dev/null || true   # local ephemeral Prefect API unless you export one after sourcing
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"

@@ -192,7 +192,7 @@ def test_adapter_roundtrip(case, inputs, tmp_path):
 
     tensors = load_file(tmp_path / ADAPTER_FILE)
     assert set(tensors) == set(trainable_state_dict(unet, mask))
-    if mask.method == "difffit":  # the reference drops these on reload (reference.md §13.10)
+    if mask.method == "difffit":  # the reference drops these on reload (docs/paper.md §6)
         gammas = [t for n, t in tensors.items() if n.endswith("difffit_gamma")]
         assert gammas and all(not torch.all(g == 1) for g in gammas)
 
@@ -404,7 +404,7 @@ def test_granularity_options():
     assert full_on == expect
 
 
-# --- parity with the reference's counts on SD-1.5 (reference.md §4-5) -------------------------------
+# --- parity with the reference's counts on SD-1.5 (docs/paper.md §3) ----------------------------------
 SD15_REFERENCE_LAYOUT_13 = (
     "down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "down_blocks.1.attentions.0",
     "down_blocks.1.attentions.1", "down_blocks.2.attentions.0", "down_blocks.2.attentions.1",
@@ -419,7 +419,7 @@ PARITY = [
     ("difffit", "reference", None, {}, 581_124),
     ("bias", "reference", None, {}, 343_684),
     ("norm", "reference", None, {}, 200_320),
-    ("attention", "reference", None, {}, 267_239_360),  # the "267.24M" of reference.md §5
+    ("attention", "reference", None, {}, 267_239_360),  # the "267.24M" of docs/paper.md §3.5
     ("lora", "reference", None, {"rank": 4}, 797_184),
     ("lora", "reference", None, {"rank": 16}, 3_188_736),
     ("svdiff", "reference", "zeros", {}, 125_486),
@@ -466,7 +466,7 @@ def test_sd15_parameter_count_parity(sd15, method, mode, bits, options, expected
 def test_sd15_count_from_config_dict():
     bits = (0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0)
     mask = Mask("svdiff", SD15_REFERENCE_LAYOUT_13, bits, 1e-4, mode="reference")
-    # 125,486 always on + 2 x 11,779 + 2 x 6,403 (reference.md §4.2) = 0.0188%, rounds to the paper's 0.019%.
-    # reference.md §4.4 quotes 165,053 for this mask; that is indices 7-11 (one more 3,203 block).
+    # 125,486 always on + 2 x 11,779 + 2 x 6,403 (docs/paper.md §3.2) = 0.0188%, rounds to the paper's 0.019%.
+    # 165,053 (a figure quoted for this mask, docs/paper.md §3.4) is indices 7-11: one more 3,203 block.
     assert count_parameters(SD15, mask) == 161_850
     assert count_parameters(SD15, mask.with_bits(bits[:11] + (1, 0))) == 165_053

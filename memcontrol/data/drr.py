@@ -138,7 +138,7 @@ def _load_phantom(xy_factor: int, seed: int) -> Phantom:
     sub[near & (sub > 700)] = blood
 
     # HU -> attenuation via a lookup table. mu_bone is the extra attenuation of bone over its
-    # water-equivalent value (reference recipe, offline-assets.md §5), scaled per image.
+    # water-equivalent value (docs/data.md, "DRRs"), scaled per image.
     h = np.arange(-2048, 4096, dtype=np.float32)
     mu_lut = np.clip(1.0 + h / 1000.0, 0.0, None)
     bone_lut = np.where(h > 300, mu_lut * (h - 300.0) / 1500.0, 0.0).astype(np.float32)

@@ -12,7 +12,7 @@ Columns (all strings, see COLUMNS):
 
 `ingest_csv` turns a MIMIC-CXR-style folder + CSV (path, text) into a manifest, `save_manifest` /
 `load_manifest` store it as parquet, and `memorization_training_set` builds the memorization-
-inducing fine-tuning set of the reference (docs/reference.md §3.3).
+inducing fine-tuning set of the reference (docs/paper.md §2.2).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def digest(manifest: pd.DataFrame) -> str:
 def memorization_training_set(
     manifest: pd.DataFrame, *, data_size_ratio: float, n_repeats: int, seed: int
 ) -> pd.DataFrame:
-    """The memorization-inducing fine-tuning set (docs/reference.md §3.3).
+    """The memorization-inducing fine-tuning set (docs/paper.md §2.2).
 
     A seeded random `int(n_original * data_size_ratio)` of the train rows with subset "original",
     followed by the "mem" rows repeated `n_repeats` times (the duplication induces memorization).

@@ -141,7 +141,7 @@ def load_bundle(path: Path | str, *, unet_path: Path | str | None = None) -> Bun
     path = Path(path)
     _check_folder(path)
     tok = _load("tokenizer", path / "tokenizer", lambda: AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True))
-    if len(tok) <= 3:  # transformers returns an empty tokenizer instead of raising (stack.md §6)
+    if len(tok) <= 3:  # offline, transformers returns a near-empty tokenizer instead of raising
         raise ModelError(f"{path / 'tokenizer'}: tokenizer has only {len(tok)} tokens")
     text_encoder = _load("text encoder", path / "text_encoder", lambda: AutoModel.from_pretrained(
         path / "text_encoder", local_files_only=True, use_safetensors=True))

@@ -13,7 +13,7 @@ from memcontrol.models.bundle import Bundle
 
 
 def sd_scheduler() -> DDPMScheduler:
-    """SD-1.5's training scheduler: 1000 steps, scaled-linear betas 0.00085-0.012 (reference.md §3.3)."""
+    """SD-1.5's training scheduler: 1000 steps, scaled-linear betas 0.00085-0.012 (docs/paper.md §2.2)."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -113,7 +113,7 @@ def _choose(unet: nn.Module, mask: Mask) -> list[Candidate]:
         prefixes = tuple(b + "." for b in mask.enabled())
         chosen = [c for c in candidates if c.name.startswith(prefixes)]
     else:
-        # reference.md §4.3: a 0-bit freezes the method's maskable subset inside
+        # docs/paper.md §3.3: a 0-bit freezes the method's maskable subset inside
         # <block>.transformer_blocks; everything else stays trainable.
         frozen = tuple(b + ".transformer_blocks." for b in mask.disabled())
         chosen = [

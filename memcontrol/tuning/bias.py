@@ -1,6 +1,6 @@
 """BitFit: every parameter named exactly ``bias`` (norm biases included), as the reference does.
 
-343,684 parameters on SD-1.5 (reference.md §5).
+343,684 parameters on SD-1.5 (docs/paper.md §3.5).
 """
 
 from memcontrol.tuning._base import Method, NoOptions, base_params, inject_nothing, single_group

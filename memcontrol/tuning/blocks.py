@@ -22,7 +22,7 @@ _PATTERNS = {
     "sublayer": re.compile(rf"^{_SECTION}\.attentions\.\d+\.transformer_blocks\.\d+\.(?:attn1|attn2|ff)$"),
 }
 
-# Which methods the reference code masks, and over which layout (reference.md §4.2):
+# Which methods the reference code masks, and over which layout (docs/paper.md §3.2):
 # "skip_last_up" is the 13-bit layout of auto_svdiff/auto_difffit, which never addresses the last
 # attention of each up block (up_blocks.*.attentions.2 on SD-1.5); "all" is auto_attention's 16 bits.
 REFERENCE_LAYOUTS = {"svdiff": "skip_last_up", "difffit": "skip_last_up", "attention": "all"}

@@ -7,12 +7,12 @@ factors gamma, initialised to 1, that multiply:
 * the q, k, v and out projections of both attention layers (C values each),
 
 so 11 * C gammas per SD transformer block. SD-1.5: 443,844 bias+norm + 137,280 gamma = 581,124
-(reference.md §5). A 0-bit of the reference layout freezes only the gammas (reference.md §4.3).
+(docs/paper.md §3.5). A 0-bit of the reference layout freezes only the gammas (docs/paper.md §3.3).
 
 Each gamma is a parameter ``difffit_gamma`` registered on the module whose output it scales,
 applied by a forward hook, so base parameter names are unchanged. Unlike the reference, the gammas
 are saved and reloaded (it loads DiffFit models into a vanilla UNet with ``strict=False``, which
-drops them, reference.md §13.10).
+drops them, docs/paper.md §6).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``peft.LoraConfig(target_modules=<exact module names inside the enabled blocks>)`` is injected with
 the UNet's own ``add_adapter``. peft zero-initialises ``lora_B``, so the adapted UNet computes the
 base output exactly at step 0. r = 4 on q/k/v/out of every attention of SD-1.5: 797,184 parameters
-(reference.md §5).
+(docs/paper.md §3.5).
 """
 
 from __future__ import annotations

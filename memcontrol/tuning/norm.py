@@ -1,5 +1,5 @@
 """Norm tuning: every parameter whose name contains ``norm`` (affine weight and bias of the
-GroupNorm/LayerNorm layers), the reference's rule. 200,320 parameters on SD-1.5 (reference.md §5).
+GroupNorm/LayerNorm layers), the reference's rule. 200,320 parameters on SD-1.5 (docs/paper.md §3.5).
 """
 
 from memcontrol.tuning._base import Method, NoOptions, base_params, inject_nothing, single_group

@@ -3,8 +3,8 @@
 Every Linear/Conv weight W (a conv as ``out x in*kh*kw``) is decomposed once, W = U diag(S) V^T,
 and only a zero-initialised shift ``delta`` (``min(out, in*kh*kw)`` values) is learned; the layer
 uses W_delta = U diag(relu(S + delta)) V^T. GroupNorm/LayerNorm weights are ``1 x C`` matrices (one
-shift each) and train in their own group at ``norm_lr`` (1e-6 in the reference, reference.md §15).
-SD-1.5: 222,805 shifts (reference.md §5).
+shift each) and train in their own group at ``norm_lr`` (1e-6 in the reference, docs/paper.md §3.5).
+SD-1.5: 222,805 shifts (docs/paper.md §3.5).
 
 Implementation (one ``torch.nn.utils.parametrize`` parametrization per weight):
 
@@ -47,7 +47,7 @@ NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 
 @dataclasses.dataclass(frozen=True)
 class SVDiffOptions:
-    norm_lr: float = 1e-6  # learning rate of the norm shifts (reference.md §15.3)
+    norm_lr: float = 1e-6  # learning rate of the norm shifts (docs/paper.md §3.5)
 
     def __post_init__(self) -> None:
         lr = self.norm_lr
@@ -192,7 +192,7 @@ def extra_numel(unet: nn.Module, chosen: Sequence[Candidate] | None = None) -> d
 
 
 def _reference_masked(c: Candidate) -> bool:
-    return True  # a 0-bit freezes every shift in the block's transformer_blocks (reference.md §4.3)
+    return True  # a 0-bit freezes every shift in the block's transformer_blocks (docs/paper.md §3.3)
 
 
 METHOD = Method(
