@@ -42,9 +42,9 @@ def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_to
         ok = front[q <= best + quality_tolerance * abs(best)]
         return ok.loc[ok[mem].astype(float).idxmin()]
     if rule == "knee":
-        def scale(s: pd.Series) -> pd.Series:
-            span = s.max() - s.min()
-            return (s - s.min()) / span if span > 0 else s * 0
+        def scale(series: pd.Series) -> pd.Series:
+            span = series.max() - series.min()
+            return (series - series.min()) / span if span > 0 else series * 0
         d = np.hypot(scale(m), scale(q))
         return front.loc[d.idxmin()]
     raise ValueError(f"select: unknown rule `{rule}`")

@@ -18,11 +18,11 @@ from memcontrol import assets
 from memcontrol.embed import (
     EmbedderError,
     MobileNetV2Embedder,
-    XrvDenseNet,
     _imagenet_normalise,
     build_embedder,
     read_image,
 )
+from memcontrol.models.backbones import XrvDenseNet
 
 SKIMAGE = assets.pkgdir("skimage") / "data"
 

@@ -67,24 +67,24 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str) -
     by = {a: [r["metrics"] for r in records if r["arm"] == a] for a in table["arm"]}
     mean = table.set_index("arm")
 
-    def vals(a, k):
-        return np.array([m.get(k, np.nan) for m in by.get(a, [])], dtype=float)
+    def vals(arm, key):
+        return np.array([m.get(key, np.nan) for m in by.get(arm, [])], dtype=float)
 
-    def pval(a, b, k):
-        x, y = vals(a, k), vals(b, k)
+    def pval(arm, other, key):
+        x, y = vals(arm, key), vals(other, key)
         if len(x) < 2 or len(y) < 2 or np.allclose(np.r_[x, y], x[0]):
             return float("nan")
         return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
 
-    def dominates(a, b):
-        va = np.array([mean.loc[a, mem_key], mean.loc[a, q_key]])
-        vb = np.array([mean.loc[b, mem_key], mean.loc[b, q_key]])
+    def dominates(arm, other):
+        va = np.array([mean.loc[arm, mem_key], mean.loc[arm, q_key]])
+        vb = np.array([mean.loc[other, mem_key], mean.loc[other, q_key]])
         return bool((va <= vb).all() and (va < vb).any())
 
-    def verdict(d, p):
-        if not d < 0:
+    def verdict(diff, p_value):
+        if not diff < 0:
             return "does not hold"
-        return "holds" if p < 0.05 else f"holds in the mean only (not significant over seeds, p={p:.2g})"
+        return "holds" if p_value < 0.05 else f"holds in the mean only (not significant over seeds, p={p_value:.2g})"
 
     out = []
     arms = list(table["arm"])

@@ -162,44 +162,44 @@ class Mask:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "mask") -> Mask:
-        if not isinstance(d, Mapping):
-            raise MaskError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_REQUIRED) - set(_OPTIONAL))
+    def from_dict(cls, data: Mapping[str, Any], source: str = "mask") -> Mask:
+        if not isinstance(data, Mapping):
+            raise MaskError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
         if unknown:
             raise MaskError(f"{source}: unknown keys {unknown}")
-        missing = [k for k in _REQUIRED if k not in d]
+        missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise MaskError(f"{source}: missing keys {missing}")
-        version = d.get("version", FORMAT_VERSION)
+        version = data.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise MaskError(f"{source}: `version` {version!r} is not {FORMAT_VERSION}")
         for key in ("blocks", "bits"):
-            if not isinstance(d[key], list):
-                raise MaskError(f"{source}: `{key}` must be a list, got {d[key]!r}")
-        if any(isinstance(b, bool) for b in d["bits"]):
+            if not isinstance(data[key], list):
+                raise MaskError(f"{source}: `{key}` must be a list, got {data[key]!r}")
+        if any(isinstance(b, bool) for b in data["bits"]):
             raise MaskError(f"{source}: `bits` must be 0/1 integers, not booleans")
         try:
             return cls(
-                method=d["method"],
-                blocks=tuple(d["blocks"]),
-                bits=tuple(d["bits"]),
-                lr=d["lr"],
-                mode=d.get("mode", "full"),
-                granularity=d.get("granularity", "transformer"),
-                options=Options(d.get("options") or {}),
-                trainable_params=d.get("trainable_params"),
+                method=data["method"],
+                blocks=tuple(data["blocks"]),
+                bits=tuple(data["bits"]),
+                lr=data["lr"],
+                mode=data.get("mode", "full"),
+                granularity=data.get("granularity", "transformer"),
+                options=Options(data.get("options") or {}),
+                trainable_params=data.get("trainable_params"),
             )
         except MaskError as err:
             raise MaskError(f"{source}: {err}") from None
 
     @classmethod
-    def from_json(cls, s: str, source: str = "mask") -> Mask:
+    def from_json(cls, text: str, source: str = "mask") -> Mask:
         try:
-            d = json.loads(s)
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise MaskError(f"{source}: not valid JSON ({err})") from None
-        return cls.from_dict(d, source)
+        return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically (temp file + rename)."""
