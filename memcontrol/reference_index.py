@@ -287,3 +287,4 @@ def brute_force_search(ref_feats: np.ndarray, queries: np.ndarray, k: int = 1, *
         cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(j, j + s.shape[1]), s.shape)], axis=1)
         top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
+    return best_s.astype(np.float32), best_i.astype(np.int64)
