@@ -11,6 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from memcontrol import search as S
+from memcontrol.arms import full_mask
 from memcontrol.base_model import block_list
 from memcontrol.compare import final_arms, summarize, write_comparison
 from memcontrol.config import OBJECTIVES, Params, load_params
@@ -48,12 +49,12 @@ def reference(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def log_trial(params: Params, root: str, parent_id: str, number: int, record: dict, trial_dir: str) -> str:
-    """One MLflow child run per trial."""
+def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict, trial_dir: str) -> str:
+    """One MLflow child run per trial (and per calibration arm)."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
-    return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=f"trial-{number:03d}",
+    return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
                               record=record, artifacts=[Path(trial_dir) / "grid.png"],
-                              extra_params={"trial": number})
+                              extra_params={"trial": name})
 
 
 def _open_study(params: Params, layout: Layout):
@@ -64,8 +65,10 @@ def _open_study(params: Params, layout: Layout):
 
 @flow(name="search")
 def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
-    """The outer loop: ask a batch of masks, fine-tune + score each, tell, until n_trials complete.
-    The study lives in SQLite, so a rerun after a crash or kill continues it."""
+    """The outer loop: ask a batch of masks, fine-tune + score each on val, tell, until n_trials
+    distinct configurations are scored (memcontrol.search.optimize; a proposal equal to a scored one
+    is answered from it). First the calibration arm (full fine-tuning at the same budget) that the
+    selection rule measures quality against. The study lives in SQLite: a rerun continues it."""
     params, workdir, layout = _setup(params_path, root)
     blocks = block_list(params, layout)
     study = _open_study(params, layout)
@@ -79,12 +82,22 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
                                          "n_trials": params.search.n_trials,
                                          "objectives": ",".join(params.search.objectives), "blocks": ",".join(blocks),
                                          "inner_steps": params.train.steps})
-    space = S.search_space(len(blocks), params.search.lr_min, params.search.lr_max)
-    while (left := params.search.n_trials - S.n_finished(study)) > 0:
-        batch = S.ask_batch(study, space, min(params.search.batch_size, left))
-        for trial in batch:
-            mask = S.mask_of(trial.params, blocks, method=params.tuning.method, mode=params.tuning.mode,
-                             granularity=params.tuning.granularity, options=params.tuning.options)
+    for name, mask in {"full": full_mask(params)}.items():
+        out = layout.calibration / name
+        rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
+                        steps=params.train.steps)
+        log_trial(params, workdir, parent, f"calibration-{name}", rec, str(out))
+    space = S.search_space(len(blocks), params.search.learning_rates)
+    if not study.trials:  # the method with no mask first: the front's anchor, as Stage 2 compares it
+        study.enqueue_trial(S.unmasked_params(len(blocks), params.search.learning_rates))
+
+    def make_mask(trial_params: dict):
+        return S.mask_of(trial_params, blocks, method=params.tuning.method, mode=params.tuning.mode,
+                         granularity=params.tuning.granularity, options=params.tuning.options)
+
+    def evaluate(batch) -> list[S.Outcome]:
+        outcomes = []
+        for trial, mask in batch:
             out = layout.trials / mask.digest()
             trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
             try:
@@ -92,11 +105,15 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
                                 steps=params.train.steps)
             except Exception as e:  # one broken candidate must not end the study
                 log.exception("trial %d failed", trial.number)
-                S.tell(study, trial, None, reason=f"{type(e).__name__}: {e}")
+                outcomes.append(S.Outcome(None, reason=f"{type(e).__name__}: {e}"))
                 continue
-            trial.set_user_attr("record", json.dumps(rec, default=str))
-            S.tell(study, trial, objective_values(params, rec["metrics"]))
-            log_trial(params, workdir, parent, trial.number, rec, str(out))
+            outcomes.append(S.Outcome(objective_values(params, rec["metrics"]), rec))
+            log_trial(params, workdir, parent, f"trial-{trial.number:03d}", rec, str(out))
+        return outcomes
+
+    S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
+               make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
+               max_failures=params.search.max_failures)
     sel = pareto_and_select(params, layout, study)
     tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
                        [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",

@@ -52,8 +52,7 @@ def search_rows(params: Params, ctx: EvalContext) -> pd.DataFrame:
 def final_rows(params: Params, ctx: EvalContext) -> pd.DataFrame:
     """Stage 2's training set (also the audit's and transfer's): final.data_size_ratio of train + the
     memorization subset x final.n_repeats. On the demo the repeats stand in for the natural duplicates
-    of a real dataset such as MIMIC-CXR; with all of train (ratio 1) and batch 8 the tiny model sees
-    each duplicate too rarely to memorize it (benchmarks/results/memorization_probe*.json)."""
+    of a real dataset such as MIMIC-CXR (docs/data.md)."""
     return memorization_training_set(ctx.df, data_size_ratio=params.final.data_size_ratio,
                                      n_repeats=params.final.n_repeats, seed=params.seed)
 
@@ -88,7 +87,7 @@ def run_arm(
     hooks = train_hooks or {}
     key = make_key(ARM_CODE, params, ARM_SECTIONS, mask=mask.digest(), steps=steps, batch_size=batch_size, seed=seed,
                    rows=hashlib.sha256("|".join(rows["id"]).encode()).hexdigest()[:12],
-                   inputs=input_digests(layout), hooks=sorted(hooks), **(extra_key or {}))
+                   inputs=input_digests(layout), hooks=sorted(hooks), split=ctx.split, **(extra_key or {}))
     done = out_dir / "metrics.json"
     if (record := finished(done, key)) is not None:
         log.info("reusing finished arm %s", out_dir)
@@ -126,7 +125,7 @@ def run_arm(
 def evaluate_base(params: Params, layout: Layout, ctx: EvalContext, progress: Progress = None) -> dict:
     """The base model's own metrics (no fine-tuning): the memorization floor of the model.
     Record reports/base_metrics.json, reused under the same key as an arm's; grid reports/base_grid.png."""
-    key = make_key(ARM_CODE, params, ARM_SECTIONS, inputs=input_digests(layout))
+    key = make_key(ARM_CODE, params, ARM_SECTIONS, inputs=input_digests(layout), split=ctx.split)
     out = layout.reports / "base_metrics.json"
     if (record := finished(out, key)) is not None and (layout.reports / "base_grid.png").exists():
         return record["metrics"]

@@ -59,20 +59,23 @@ def base(params: Params, layout: Layout, progress: Progress = None) -> Path:
     cfg, bt = params.model.tiny, params.model.base_train
     torch.manual_seed(params.seed)
     bundle = tiny.build(cfg, seed=params.seed)
+    # The VAE is a general codec (every base row); the UNet, the generative prior, learns the base
+    # world only (subset "", not the "codec" rows): fine-tuning then has a domain to learn.
     images = load_images(image_paths(rows, layout.manifest.parent), cfg.resolution)
     pretrain_vae(bundle.vae, images, steps=bt.vae_steps, lr=bt.vae_lr, batch_size=bt.batch_size,
                  kl_weight=bt.vae_kl_weight, seed=params.seed,
                  progress=lambda step, _loss: ticker(progress, "base: VAE")(step, bt.vae_steps))
     bundle.vae.register_to_config(scaling_factor=fit_scaling_factor(bundle.vae, images))
-    encoded = encode_manifest(bundle, rows, layout.manifest.parent)
+    unet_rows = rows[rows["subset"] == ""].reset_index(drop=True)
+    encoded = encode_manifest(bundle, unet_rows, layout.manifest.parent)
     unet = bundle.unet
     finetune(unet, [{"params": list(unet.parameters()), "lr": bt.unet_lr, "name": "unet"}],
-             encoded.train_data(rows), bundle.scheduler, steps=bt.unet_steps, batch_size=bt.batch_size,
+             encoded.train_data(unet_rows), bundle.scheduler, steps=bt.unet_steps, batch_size=bt.batch_size,
              seed=params.seed, cfg_dropout=0.1, device=params.train.device,
              progress=lambda step, _loss: ticker(progress, "base: UNet")(step, bt.unet_steps))
     unet.to("cpu").requires_grad_(False)
     save_bundle(bundle, layout.base)
-    # A sample grid of the base model on held-out prompts, to see that it draws radiographs.
+    # A sample grid of the base model on held-out prompts of the fine-tuning domain.
     test = rows_of(df, "test").head(16)
     text = bundle.encode_prompts(test["prompt"].tolist())
     imgs = generate(bundle, text, [item_seed(params.sample.seed, i, 0) for i in range(len(test))],

@@ -14,13 +14,16 @@ class _Strict(BaseModel):
 
 
 class DemoData(_Strict):
-    """Embedded default: DRRs of a real CT + real X-rays + real report text (docs/data.md)."""
+    """Embedded default: CT slices pretrain the base; PA radiographs (DRRs of the same real CT) with
+    real report sentences are the fine-tuning domain (docs/data.md)."""
 
-    n_base: int = Field(600, ge=1)
-    n_train: int = Field(400, ge=1)
-    n_test: int = Field(150, ge=1)
+    n_base: int = Field(600, ge=1)      # CT slices: the base UNet's (and VAE's) pretraining
+    n_codec: int = Field(600, ge=0)     # radiographs the VAE alone is pretrained on
+    n_train: int = Field(400, ge=1)     # fine-tuning radiographs, the memorization subset among them
+    n_val: int = Field(80, ge=1)        # scored by the search; calibrates the memorization threshold
+    n_test: int = Field(80, ge=1)       # Stage 2 and every reported number; the false-positive floor
+    n_mem: int = Field(12, ge=1)        # train radiographs repeated in the memorization-inducing set
     image_size: int = Field(128, ge=16)
-    n_real_test: int = Field(4, ge=0)
 
 
 class CsvData(_Strict):
@@ -30,10 +33,12 @@ class CsvData(_Strict):
     image_root: Path
     path_column: str = "path"
     text_column: str = "text"
-    split_column: str | None = None
+    split_column: str | None = None     # values train / val / test; None: seeded random split
+    group_column: str | None = None     # patient id: no group spans two splits (strongly advised)
     mem_csv: Path | None = None
     n_mem: int = Field(16, ge=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)   # scored by the search and the selection rule
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # Stage 2, the audit and every reported number
 
 
 class Data(_Strict):
@@ -156,8 +161,8 @@ class Search(_Strict):
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(8, ge=2)
     seed: int = 0
-    lr_min: float = Field(1e-4, gt=0)
-    lr_max: float = Field(3e-3, gt=0)
+    learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the LR grid searched with the mask bits
+    max_failures: int = Field(3, ge=1)  # failed trials in a row that stop the search (with the first's cause)
     objectives: tuple[str, str] = ("mem_mean_sim", "kid")
     study_name: str = "memcontrol"
 
@@ -166,19 +171,24 @@ class Search(_Strict):
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown:
             raise ValueError(f"search.objectives: unknown {unknown}; known: {sorted(OBJECTIVES)}")
-        if self.lr_min >= self.lr_max:
-            raise ValueError(f"search.lr_min ({self.lr_min}) must be < search.lr_max ({self.lr_max})")
+        if not self.learning_rates or any(not lr > 0 for lr in self.learning_rates):
+            raise ValueError(f"search.learning_rates must be positive numbers, got {list(self.learning_rates)}")
+        if len(set(self.learning_rates)) != len(self.learning_rates):
+            raise ValueError(f"search.learning_rates lists a value twice: {list(self.learning_rates)}")
         return self
 
 
 class Select(_Strict):
-    """Pick one Pareto mask: least memorization among points whose quality is within
-    `quality_tolerance` (relative) of the best quality on the front."""
+    """Pick one Pareto mask (docs/search.md). least_memorization_within_quality: least memorization
+    among front points whose quality objective is at most (1 + quality_tolerance) x that of the
+    `quality_reference` calibration arm, which the search trains at its own budget and scores on val
+    (full: full fine-tuning at final.full_lr). knee and best_quality need no reference."""
 
     rule: Literal["least_memorization_within_quality", "knee", "best_quality"] = (
         "least_memorization_within_quality"
     )
-    quality_tolerance: float = Field(0.5, ge=0)
+    quality_reference: Literal["full"] = "full"
+    quality_tolerance: float = Field(0.2, ge=0)
 
 
 class Final(_Strict):
@@ -257,6 +267,7 @@ class Transfer(_Strict):
 
     mask: Path | None = None                            # None: masks/selected.json of the workdir
     n_train: int = Field(200, ge=4)
+    n_val: int = Field(64, ge=4)                        # calibrates the transfer set's threshold
     n_test: int = Field(64, ge=4)
     image_size: int = Field(128, ge=16)
     arms: tuple[str, ...] = ("selected", "unmasked", "full")

@@ -30,11 +30,20 @@ from memcontrol.sample import generate, item_seed
 from memcontrol.workdir import Layout, read_manifest, rows_of
 
 
-class EvalContext:
-    """Everything an evaluation needs that is the same for every trial, loaded once."""
+EVAL_SPLITS = ("val", "test")
 
-    def __init__(self, params: Params, layout: Layout):
-        self.params, self.layout = params, layout
+
+class EvalContext:
+    """Everything an evaluation needs that is the same for every trial, loaded once.
+
+    `split` is where quality is measured: "val" for the search's trials (and its selection rule),
+    "test" for Stage 2, the audit and every reported number, so the mask is never chosen on the
+    images it is reported on."""
+
+    def __init__(self, params: Params, layout: Layout, split: str = "test"):
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"EvalContext: split must be one of {EVAL_SPLITS}, got {split!r}")
+        self.params, self.layout, self.split = params, layout, split
         self.df = read_manifest(layout)
         self.ref = layout.reference
         self.ids = json.loads((self.ref / "ids.json").read_text())
@@ -53,8 +62,9 @@ class EvalContext:
         return np.load(self.ref / "train_feats.npy")
 
     @cached_property
-    def test_feats(self) -> np.ndarray:
-        return np.load(self.ref / "test_feats.npy")
+    def heldout_feats(self) -> np.ndarray:
+        """(n, d) embeddings of this context's held-out split, the quality reference."""
+        return np.load(self.ref / f"{self.split}_feats.npy")
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -66,9 +76,9 @@ class EvalContext:
 
     @cached_property
     def quality_rows(self) -> pd.DataFrame:
-        test = rows_of(self.df, "test")
-        n = min(self.params.sample.n_quality, len(test))
-        return test.sample(n=n, random_state=self.params.seed).reset_index(drop=True)
+        heldout = rows_of(self.df, self.split)
+        n = min(self.params.sample.n_quality, len(heldout))
+        return heldout.sample(n=n, random_state=self.params.seed).reset_index(drop=True)
 
     def train_images(self, ids: list[str], size: int) -> torch.Tensor:
         """(n, 3, size, size) float in [0, 1]: the manifest images of `ids`, in that order."""
@@ -109,8 +119,8 @@ def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tup
     own_ids = np.repeat(mem["id"].to_numpy(), sample.mem_seeds)
     own = (np.asarray(nearest_ids) == own_ids) & (sims > thr)
 
-    test_pos = {k: i for i, k in enumerate(ctx.ids["test"])}
-    real_f = ctx.test_feats[[test_pos[i] for i in qual["id"]]]
+    heldout_pos = {k: i for i, k in enumerate(ctx.ids[ctx.split])}
+    real_f = ctx.heldout_feats[[heldout_pos[i] for i in qual["id"]]]
     quality = fid_kid(real_f, qual_f, kid_subset_size=min(params.metrics.kid_subset_size, len(qual)), seed=params.seed)
 
     img_idx = enc.image_index(mem["id"].tolist())

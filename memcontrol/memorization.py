@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- scores
 
 
-def calibrate_threshold(heldout_max_sims: np.ndarray, quantile: float) -> float:
+def calibrate_threshold(heldout_max_sims: np.ndarray, quantile: float, *, warn: bool = True) -> float:
     """Similarity threshold from held-out real images (split-conformal quantile).
 
     A generation is flagged when its max similarity is ``> threshold``. The threshold is the
@@ -49,12 +49,12 @@ def calibrate_threshold(heldout_max_sims: np.ndarray, quantile: float) -> float:
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     k = math.ceil((s.size + 1) * quantile)
-    if k > s.size:
+    if k > s.size and warn:
         LOG.warning(
             "calibrate_threshold: %d held-out images are too few for quantile %.3f (need >= %d); using their max",
             s.size, quantile, math.ceil(quantile / (1 - quantile)),
         )
-        k = s.size
+    k = min(k, s.size)
     return float(s[k - 1])
 
 

@@ -24,11 +24,15 @@ def is_pareto_front(values: np.ndarray, directions: list[str] | tuple[str, ...])
     return ~dominated & ~bad
 
 
-def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_tolerance: float) -> pd.Series:
+def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_tolerance: float,
+           reference_quality: float | None = None) -> tuple[pd.Series, dict]:
     """Pick one row of a Pareto front whose objective columns `mem` and `quality` are minimised.
+    Returns (row, why): `why` records what the rule compared, for selected_info.json.
 
-    least_memorization_within_quality: least memorization among the points whose quality is
-      within `quality_tolerance` (relative) of the front's best quality;
+    least_memorization_within_quality: least memorization among the points whose quality is at
+      most `reference_quality + quality_tolerance * |reference_quality|`, the reference being a
+      calibration arm the search measured itself (not the front's best, which collapses near 0);
+      if no point qualifies, the best-quality point, and `why` says so;
     best_quality: the best-quality point;
     knee: the point closest to the utopia point after min-max scaling both objectives."""
     if front.empty:
@@ -36,15 +40,21 @@ def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_to
     q = front[quality].astype(float)
     m = front[mem].astype(float)
     if rule == "best_quality":
-        return front.loc[q.idxmin()]
+        return front.loc[q.idxmin()], {"rule": rule}
     if rule == "least_memorization_within_quality":
-        best = q.min()
-        ok = front[q <= best + quality_tolerance * abs(best)]
-        return ok.loc[ok[mem].astype(float).idxmin()]
+        if reference_quality is None or not np.isfinite(reference_quality):
+            raise ValueError("select: rule least_memorization_within_quality needs the reference arm's quality")
+        limit = reference_quality + quality_tolerance * abs(reference_quality)
+        ok = front[q <= limit]
+        why = {"rule": rule, "reference_quality": float(reference_quality), "quality_tolerance": quality_tolerance,
+               "quality_limit": float(limit), "n_within": int(len(ok))}
+        if ok.empty:
+            return front.loc[q.idxmin()], {**why, "fallback": "no front point within the limit: best quality"}
+        return ok.loc[ok[mem].astype(float).idxmin()], why
     if rule == "knee":
         def scale(series: pd.Series) -> pd.Series:
             span = series.max() - series.min()
             return (series - series.min()) / span if span > 0 else series * 0
         d = np.hypot(scale(m), scale(q))
-        return front.loc[d.idxmin()]
+        return front.loc[d.idxmin()], {"rule": rule}
     raise ValueError(f"select: unknown rule `{rule}`")

@@ -21,13 +21,13 @@ def prepare(params: Params, layout: Layout) -> Path:
     else:
         from memcontrol.data.manifest import ingest_csv
 
-        c = params.data.csv
+        csv = params.data.csv
         df = ingest_csv(
-            c.csv, c.image_root, path_column=c.path_column, text_column=c.text_column,
-            split_column=c.split_column, mem_csv=c.mem_csv, n_mem=c.n_mem,
-            test_fraction=c.test_fraction, seed=params.seed,
+            csv.csv, csv.image_root, path_column=csv.path_column, text_column=csv.text_column,
+            split_column=csv.split_column, group_column=csv.group_column, mem_csv=csv.mem_csv, n_mem=csv.n_mem,
+            val_fraction=csv.val_fraction, test_fraction=csv.test_fraction, seed=params.seed,
         )
-        root = Path(c.image_root).resolve()
+        root = Path(csv.image_root).resolve()
         df["path"] = [x if Path(x).is_absolute() else str(root / x) for x in df["path"]]
     layout.manifest.parent.mkdir(parents=True, exist_ok=True)
     save_manifest(df, layout.manifest)

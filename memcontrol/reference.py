@@ -1,6 +1,6 @@
 """Stage `reference`, once per dataset: the latents and text states of every image and prompt, the
 FAISS index of the training images' embeddings and the memorization threshold calibrated on
-held-out real images (docs/metrics.md)."""
+held-out images (val), with its false-positive floor on test (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,30 @@ def make_embedder(params: Params) -> Embedder:
     return build_embedder(m.embedder, path=m.embedder_path, image_size=m.embed_size, **m.embedder_options)
 
 
+def floor_spread(heldout_max_sims: np.ndarray, quantile: float, *, n_splits: int = 200, seed: int = 0) -> dict:
+    """The false-positive floor as an estimate with its spread: `n_splits` random halvings of the
+    held-out images, calibrating on one half (split-conformal, `calibrate_threshold`) and counting
+    the other half's images above that threshold. One split alone is a noisy estimate."""
+    sims = np.asarray(heldout_max_sims, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    rates = []
+    for _ in range(n_splits):
+        order = rng.permutation(len(sims))
+        cal, check = sims[order[: len(sims) // 2]], sims[order[len(sims) // 2:]]
+        rates.append(float((check > calibrate_threshold(cal, quantile, warn=False)).mean()))
+    rates = np.array(rates)
+    return {"n_splits": n_splits, "n_images": int(len(sims)), "mean": float(rates.mean()),
+            "std": float(rates.std(ddof=1)), "p10": float(np.quantile(rates, 0.1)),
+            "p50": float(np.quantile(rates, 0.5)), "p90": float(np.quantile(rates, 0.9))}
+
+
 def reference(params: Params, layout: Layout) -> Path:
-    """Write data/reference/: encoded.safetensors, index/, train_feats.npy, test_feats.npy,
-    ids.json (index row -> manifest id) and threshold.json (threshold + held-out floor)."""
+    """Write data/reference/: encoded.safetensors, index/, {train,val,test}_feats.npy, ids.json
+    (index row -> manifest id) and threshold.json.
+
+    The threshold is calibrated on the val images' nearest-training similarities (held-out images
+    of the kind a model might copy); the false-positive floor is the share of test images above
+    it, and `floor_spread` over repeated random halvings of val + test gives its spread."""
     df = read_manifest(layout)
     bundle = load_base(layout, resolve_device(params.train.device))
     root = layout.manifest.parent
@@ -36,7 +57,7 @@ def reference(params: Params, layout: Layout) -> Path:
     encode_manifest(bundle, df[df["split"] != "base"].reset_index(drop=True), root).save(out / "encoded.safetensors")
 
     embedder = make_embedder(params)
-    train, test = rows_of(df, "train"), rows_of(df, "test")
+    splits = {name: rows_of(df, name) for name in ("train", "val", "test")}
 
     def feats(rows: pd.DataFrame) -> np.ndarray:
         chunks = []
@@ -49,33 +70,31 @@ def reference(params: Params, layout: Layout) -> Path:
             chunks.append(embedder.embed(x01))
         return np.concatenate(chunks)
 
-    train_f, test_f = feats(train), feats(test)
-    index = ReferenceIndex.build(train_f, kind=params.metrics.index, center=params.metrics.center)
+    features = {name: feats(rows) for name, rows in splits.items()}
+    index = ReferenceIndex.build(features["train"], kind=params.metrics.index, center=params.metrics.center)
     index.save(out / "index")
-    np.save(out / "train_feats.npy", train_f)
-    np.save(out / "test_feats.npy", test_f)
-    write_json({"train": train["id"].tolist(), "test": test["id"].tolist()}, out / "ids.json")
+    for name, f in features.items():
+        np.save(out / f"{name}_feats.npy", f)
+    write_json({name: rows["id"].tolist() for name, rows in splits.items()}, out / "ids.json")
 
-    sims = index.search(test_f, k=1)[0][:, 0]
-    # Calibrate on half of the held-out images, measure the false-positive floor on the other half.
-    cal, chk = sims[0::2], sims[1::2]
+    val_sims = index.search(features["val"], k=1)[0][:, 0]
+    test_sims = index.search(features["test"], k=1)[0][:, 0]
     th = params.metrics.threshold
-    thr = float(th.value) if th.mode == "fixed" else calibrate_threshold(cal, th.quantile)
-    real = ~test["source"].str.startswith("drr").to_numpy()  # acquired images, not DRR renders
+    thr = float(th.value) if th.mode == "fixed" else calibrate_threshold(val_sims, th.quantile)
     info = {
         "threshold": thr,
         "mode": th.mode,
         "quantile": th.quantile,
         "embedder": embedder.name,
         "center": params.metrics.center,
-        "n_heldout": int(len(sims)),
-        "heldout_flagged_rate": float((chk > thr).mean()) if len(chk) else float("nan"),
-        "heldout_flagged_rate_all": float((sims > thr).mean()),
-        "heldout_mean_sim": float(sims.mean()),
-        "heldout_p95_sim": float(np.quantile(sims, 0.95)),
-        "heldout_real_n": int(real.sum()),
-        "heldout_real_flagged_rate": float((sims[real] > thr).mean()) if real.any() else float("nan"),
-        "heldout_real_mean_sim": float(sims[real].mean()) if real.any() else float("nan"),
+        "calibrated_on": "val",
+        "n_val": int(len(val_sims)),
+        "n_heldout": int(len(test_sims)),
+        "heldout_flagged_rate": float((test_sims > thr).mean()),
+        "heldout_floor_spread": floor_spread(np.concatenate([val_sims, test_sims]), th.quantile, seed=params.seed),
+        "heldout_mean_sim": float(test_sims.mean()),
+        "heldout_p95_sim": float(np.quantile(test_sims, 0.95)),
+        "val_mean_sim": float(val_sims.mean()),
     }
     write_json(info, out / "threshold.json")
     return out

@@ -3,13 +3,17 @@ learning rate, driven by ask/tell so the evaluation (fine-tune, generate, score)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+import numpy as np
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from memcontrol.tuning import Mask
@@ -27,9 +31,11 @@ def bit_name(i: int) -> str:
     return f"b{i:02d}"
 
 
-def search_space(n_blocks: int, lr_min: float, lr_max: float) -> dict:
+def search_space(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
+    """One bit per block and the learning rate from a small grid: a finite space, so a proposal
+    equal to an earlier one is recognised (and answered from it) rather than trained again."""
     space = {bit_name(i): CategoricalDistribution([0, 1]) for i in range(n_blocks)}
-    space["lr"] = FloatDistribution(lr_min, lr_max, log=True)
+    space["lr"] = CategoricalDistribution(list(learning_rates))
     return space
 
 
@@ -89,8 +95,39 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     return redone
 
 
+def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
+    """Every block on, the middle learning rate of the grid: the method with no mask."""
+    return {**{bit_name(i): 1 for i in range(n_blocks)}, "lr": learning_rates[len(learning_rates) // 2]}
+
+
+def evaluated(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """mask digest -> the completed trial that trained and scored it (answers to duplicates excluded)."""
+    return {t.user_attrs["mask_digest"]: t for t in completed(study) if "mask_digest" in t.user_attrs}
+
+
 def n_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Distinct configurations scored: what `search.n_trials` counts (a repeat costs no budget)."""
+    return len(completed(study))
+
+
+def answer_duplicate(study: optuna.Study, trial: optuna.Trial, earlier: FrozenTrial) -> None:
+    """Tell `trial` the values of the earlier trial of the same configuration, without training:
+    the sampler learns the same as from the first, and the budget is not spent."""
+    trial.set_user_attr("duplicate_of", earlier.number)
+    study.tell(trial, earlier.values)
+
+
+def unseen_configuration(study: optuna.Study, space: dict, seed: int) -> dict | None:
+    """A random configuration of `space` that no completed trial holds, or None if all are taken.
+    Used when the sampler keeps proposing what was already scored (a converged NSGA-II can)."""
+    taken = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
+    rng = np.random.default_rng([seed, len(taken)])
+    names = sorted(space)
+    for _ in range(1000):
+        cand = {k: space[k].choices[int(rng.integers(len(space[k].choices)))] for k in names}
+        if tuple(sorted(cand.items())) not in taken:
+            return cand
+    return None
 
 
 def ask_batch(study: optuna.Study, space: dict, n: int) -> list[optuna.Trial]:
@@ -118,4 +155,87 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, *
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """Completed trials that were trained and scored (not answers to a duplicate proposal)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "duplicate_of" not in t.user_attrs]
+
+
+# After this many proposals in a row that repeat scored configurations, one unscored configuration
+# is drawn at random: a converged sampler must not stall the search.
+MAX_REPEATS = 8
+
+
+class SearchError(RuntimeError):
+    """The search cannot go on (every trial fails); the message names the first failure's cause."""
+
+
+@dataclass
+class Outcome:
+    """What evaluating one proposal gave: objective values and the arm's record, or a failure reason."""
+
+    values: list[float] | None
+    record: dict | None = None
+    reason: str = ""
+
+
+def optimize(
+    study: optuna.Study,
+    space: dict,
+    *,
+    n_trials: int,
+    batch_size: int,
+    make_mask: Callable[[dict], Mask],
+    evaluate: Callable[[list[tuple[optuna.Trial, Mask]]], list[Outcome]],
+    seed: int,
+    max_failures: int = 3,
+) -> None:
+    """The ask/tell loop until `n_trials` distinct configurations are scored.
+
+    Each round asks `batch_size` proposals. A proposal whose mask was scored before (or earlier in
+    the same batch) is answered from that result without training and costs no budget; the rest go
+    to `evaluate` together (which may run them in parallel) and are told their values, or FAIL with
+    the reason. `record` of each outcome is kept on the trial (user attr) for the trials table.
+    After `max_failures` failed evaluations in a row the search stops with SearchError naming the
+    first one's cause (a missing file fails every trial alike; asking again would loop forever)."""
+    scored = evaluated(study)
+    repeats = 0
+    failures: list[tuple[int, str]] = []
+    while (left := n_trials - n_finished(study)) > 0:
+        if repeats >= MAX_REPEATS and (fresh := unseen_configuration(study, space, seed)) is not None:
+            log.warning("the sampler repeated %d scored configurations in a row; trying an unscored one", repeats)
+            study.enqueue_trial(fresh)
+            repeats = 0
+        batch: list[tuple[optuna.Trial, Mask]] = []
+        twins: list[tuple[optuna.Trial, str]] = []
+        for trial in ask_batch(study, space, min(batch_size, left)):
+            mask = make_mask(trial.params)
+            digest = mask.digest()
+            trial.set_user_attr("mask_digest", digest)
+            if digest in scored:
+                answer_duplicate(study, trial, scored[digest])
+                repeats += 1
+            elif any(m.digest() == digest for _, m in batch):
+                twins.append((trial, digest))
+            else:
+                batch.append((trial, mask))
+        if not batch:
+            continue
+        repeats = 0
+        for (trial, mask), outcome in zip(batch, evaluate(batch)):
+            if outcome.record is not None:
+                trial.set_user_attr("record", json.dumps(outcome.record, default=str))
+            tell(study, trial, outcome.values, reason=outcome.reason)
+            if outcome.values is not None and all(v == v for v in outcome.values):
+                scored[mask.digest()] = study.get_trials(deepcopy=False)[trial.number]
+                failures = []
+            else:
+                failures.append((trial.number, outcome.reason or "nan objective"))
+        for trial, digest in twins:
+            if digest in scored:
+                answer_duplicate(study, trial, scored[digest])
+            else:  # its twin failed: so does it
+                tell(study, trial, None, reason="the same configuration failed in this batch")
+        if len(failures) >= max_failures:  # checked once the whole batch is told: no trial left RUNNING
+            number, reason = failures[0]
+            raise SearchError(f"{len(failures)} trials failed in a row (search.max_failures={max_failures}); "
+                              f"the first, trial {number}: {reason}")

@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 
 from memcontrol.config import OBJECTIVES, Params
+from memcontrol.evaluate import objective_values
 from memcontrol.pareto import is_pareto_front, select
 from memcontrol.report import pareto_plot
 from memcontrol.search import completed
@@ -38,6 +39,18 @@ def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
     return df.sort_values("number").reset_index(drop=True)
 
 
+def reference_record(params: Params, layout: Layout) -> dict | None:
+    """The calibration arm the selection rule measures quality against (search/calibration/<name>),
+    or None when the rule needs none."""
+    if params.select.rule != "least_memorization_within_quality":
+        return None
+    path = layout.calibration / params.select.quality_reference / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the search's calibration arm `{params.select.quality_reference}` is missing "
+                                "(rerun `memcontrol search`)")
+    return json.loads(path.read_text())
+
+
 def pareto_and_select(params: Params, layout: Layout, study: optuna.Study) -> dict:
     """Save the trials table, the Pareto front (CSV + plot) and the chosen mask (JSON)."""
     df = trials_table(study, params)
@@ -46,15 +59,21 @@ def pareto_and_select(params: Params, layout: Layout, study: optuna.Study) -> di
     layout.search.mkdir(parents=True, exist_ok=True)
     mem_o, q_o = params.search.objectives
     front = df[df["pareto"]]
-    pick = select(front, mem=mem_o, quality=q_o, rule=params.select.rule,
-                  quality_tolerance=params.select.quality_tolerance)
+    reference = reference_record(params, layout)
+    ref_values = dict(zip(params.search.objectives, objective_values(params, reference["metrics"]))) if reference else {}
+    pick, why = select(front, mem=mem_o, quality=q_o, rule=params.select.rule,
+                       quality_tolerance=params.select.quality_tolerance, reference_quality=ref_values.get(q_o))
     write_csv(df, layout.search / "trials.csv")
     write_csv(front, layout.search / "pareto.csv")
-    pareto_plot(df, x=mem_o, y=q_o, path=layout.search / "pareto.png", selected=int(pick["number"]))
+    baselines = (pd.DataFrame([{"arm": f"{params.select.quality_reference} (reference)", **ref_values}])
+                 if reference else None)
+    pareto_plot(df, x=mem_o, y=q_o, path=layout.search / "pareto.png", selected=int(pick["number"]),
+                baselines=baselines)
     rec = json.loads(study.trials[int(pick["number"])].user_attrs["record"])
     mask = dataclasses.replace(Mask.from_json(json.dumps(rec["mask"])), trainable_params=int(pick["trainable"]))
     layout.selected.parent.mkdir(parents=True, exist_ok=True)
     mask.save(layout.selected)
-    write_json({"trial": int(pick["number"]), "rule": params.select.rule, "metrics": rec["metrics"],
+    write_json({"trial": int(pick["number"]), "rule": params.select.rule, "why": why, "metrics": rec["metrics"],
+                "reference": {"arm": params.select.quality_reference, **ref_values} if reference else None,
                 "enabled_blocks": list(mask.enabled())}, layout.selected_info)
     return {"trial": int(pick["number"]), "mask": layout.selected}

@@ -44,8 +44,8 @@ def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str
     """Fine-tune with one mask and evaluate it (arm "trial": the inner loop's rows and batch size;
     otherwise Stage 2's). A finished arm with the same key is reused by the library."""
     layout = Layout(Path(root))
-    ctx = EvalContext(params, layout)
     trial = arm == "trial"
+    ctx = EvalContext(params, layout, split="val" if trial else "test")
     rows = arms.search_rows(params, ctx) if trial else arms.final_rows(params, ctx)
     with bars() as progress:
         return arms.run_arm(params, layout, ctx, Mask.from_json(mask_json), Path(out_dir), rows=rows, steps=steps,

@@ -81,7 +81,7 @@ def test_audit_runs_every_arm_with_the_same_data_steps_and_metrics(work, audited
     assert by["unmasked+rwa+gn"]["info"]["rwa.calls"] == p.final.steps
     for r in recs:
         m = r["metrics"]
-        assert m["extraction.n_prompts"] == 15 and 0 <= m["extraction.n_extracted"] <= m["extraction.n_memorized"] <= 15
+        assert m["extraction.n_prompts"] == 4 and 0 <= m["extraction.n_extracted"] <= m["extraction.n_memorized"] <= 4
         assert np.isfinite([m["mem.mean_sim"], m["quality.kid_mean"], m["noise_norm.max"]]).all()
         assert (Path(r["dir"]) / "nearest.png").exists() and (Path(r["dir"]) / "adapter.safetensors").exists()
 
@@ -194,7 +194,7 @@ def test_release_writes_screened_images_and_a_manifest_without_training_images(w
     assert sorted(p.name for p in (out / "images").glob("*.png")) == sorted(Path(f).name for f in rel["file"])
     thr = ctx.threshold["threshold"]
     assert (man.loc[man["nn_sim"] > thr, "released"] == False).all()  # noqa: E712
-    assert (man["prompt_kind"] == "memorization").sum() == 12  # 15 mem prompts > 6: all drawn from them
+    assert (man["prompt_kind"] == "memorization").sum() == 8  # the 4 mem prompts first (x per_prompt 2), then 2 others
     R.check_no_training_images(out, ctx.train_images(list(ctx.ids["train"]), model_resolution(L)),
                                set(load_manifest(L.manifest)["sha256"]))
     assert json.loads((out / "summary.json").read_text())["n_excluded"] == s["n_excluded"]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from memcontrol import assets
 from memcontrol.data import drr, reports
-from memcontrol.data.demo import DRR_MIX, N_REAL, build_demo, drr_label
+from memcontrol.data.demo import DRR_MIX, build_demo, drr_label
 from memcontrol.data.images import load_images, read_dicom, save_png
 from memcontrol.data.manifest import (
     COLUMNS,
@@ -27,7 +27,7 @@ from memcontrol.data.manifest import (
     save_manifest,
 )
 
-MICRO = dict(n_base=8, n_train=24, n_test=8, image_size=32, n_real_test=4)
+MICRO = dict(n_base=8, n_codec=6, n_train=24, n_val=6, n_test=8, n_mem=4, image_size=32)
 
 # what each label's prompt must say (independent of the selection regexes in reports.py)
 _LOBE_WORDS = {
@@ -85,21 +85,27 @@ def micro_other_seed(tmp_path_factory):
 def test_demo_counts_splits_and_subsets(micro):
     root, df = micro
     assert list(df.columns) == COLUMNS
-    n_real_train = N_REAL - MICRO["n_real_test"]
-    assert (df["split"] == "base").sum() == MICRO["n_base"]
-    assert (df["split"] == "train").sum() == MICRO["n_train"]
-    assert (df["split"] == "test").sum() == MICRO["n_test"]
+    base = df[df["split"] == "base"]
+    assert (base["subset"] == "").sum() == MICRO["n_base"]
+    assert (base["subset"] == "codec").sum() == MICRO["n_codec"]
+    for split in ("train", "val", "test"):
+        assert (df["split"] == split).sum() == MICRO[f"n_{split}"]
     train = df[df["split"] == "train"]
-    assert (train["subset"] == "mem").sum() == n_real_train
-    assert (train["subset"] == "original").sum() == MICRO["n_train"] - n_real_train
-    assert (df.loc[df["split"] != "train", "subset"] == "").all()
-    # memorization subset = the real images; everything else is a DRR
-    assert not train.loc[train["subset"] == "mem", "source"].str.startswith("drr").any()
-    assert train.loc[train["subset"] == "original", "source"].str.startswith("drr").all()
-    assert df.loc[df["split"] == "base", "source"].str.startswith("drr").all()
-    real_test = df[(df["split"] == "test") & ~df["source"].str.startswith("drr")]
-    assert sorted(real_test["label"]) == ["normal", "normal", "pneumonia", "pneumonia"]
-    assert "pydicom-rg1" in set(train["id"])
+    assert (train["subset"] == "mem").sum() == MICRO["n_mem"]
+    assert (train["subset"] == "original").sum() == MICRO["n_train"] - MICRO["n_mem"]
+    assert (df.loc[df["split"].isin(["val", "test"]), "subset"] == "").all()
+    # the base UNet's world is CT slices; the fine-tuning world (and the VAE's codec rows) radiographs
+    assert (base.loc[base["subset"] == "", "source"] == "ct-axial").all()
+    assert base.loc[base["subset"] == "", "label"].str.startswith("ct_axial_").all()
+    assert base.loc[base["subset"] == "codec", "source"].str.startswith("drr").all()
+    assert df.loc[df["split"] != "base", "source"].str.startswith("drr").all()
+
+
+def test_memorization_prompts_are_their_images_alone(micro):
+    _, df = micro
+    mem = df[df["subset"] == "mem"]
+    counts = df["prompt"].value_counts()
+    assert (mem["prompt"].map(counts) == 1).all()
 
 
 def test_demo_images_match_manifest(micro):
@@ -115,20 +121,13 @@ def test_demo_images_match_manifest(micro):
 
 def test_demo_prompts_agree_with_labels(micro):
     _, df = micro
-    for label, prompt in zip(df["label"], df["prompt"]):
+    drr_rows = df[df["source"].str.startswith("drr")]
+    for label, prompt in zip(drr_rows["label"], drr_rows["prompt"]):
         assert prompt.strip() and len(prompt.split()) <= reports.MAX_WORDS
         assert prompt_agrees(label, prompt), (label, prompt)
-
-
-def test_real_images_get_distinct_real_reports(micro):
-    _, df = micro
-    real = df[~df["source"].str.startswith("drr")]
-    assert len(real) == N_REAL
-    assert real["prompt"].is_unique
-    assert real["source"].str.contains(r"\+iu:CXR\d+$").all()
-    assert real["source"].str.split(":").str[1].is_unique
-    # a memorized prompt never comes back as a DRR prompt
-    assert not set(real["prompt"]) & set(df.loc[df["source"].str.startswith("drr"), "prompt"])
+    ct = df[df["source"] == "ct-axial"]
+    for label, prompt in zip(ct["label"], ct["prompt"]):
+        assert prompt.startswith("Axial contrast-enhanced chest CT") and label.split("_")[-1] in prompt
 
 
 def test_demo_is_deterministic(micro, micro_same_seed):
@@ -144,9 +143,9 @@ def test_other_seed_gives_other_data(micro, micro_other_seed):
     assert list(a["prompt"]) != list(b["prompt"])
 
 
-def test_build_demo_rejects_too_few_train_rows(tmp_path):
-    with pytest.raises(ValueError, match="n_train >= 13"):
-        build_demo(tmp_path, n_base=0, n_train=5, n_test=4, image_size=32)
+def test_build_demo_rejects_more_memorization_rows_than_train_rows(tmp_path):
+    with pytest.raises(ValueError, match="n_mem <= n_train"):
+        build_demo(tmp_path, n_base=2, n_codec=0, n_train=3, n_val=2, n_test=2, n_mem=5, image_size=32)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -300,7 +299,7 @@ def test_ingest_csv_builds_a_manifest(user_data):
     csv, root = user_data
     df = ingest_csv(csv, root, n_mem=2, test_fraction=0.34, seed=0)
     assert list(df.columns) == COLUMNS and len(df) == 6
-    assert (df["split"] == "test").sum() == 2
+    assert (df["split"] == "test").sum() == 2 and (df["split"] == "val").sum() == 1
     assert (df["subset"] == "mem").sum() == 2
     assert (df.loc[df["subset"] == "mem", "split"] == "train").all()
     assert (df["source"] == "user").all()
@@ -312,15 +311,48 @@ def test_ingest_csv_builds_a_manifest(user_data):
 def test_ingest_csv_with_split_column_and_mem_csv(user_data, tmp_path):
     csv, root = user_data
     d = pd.read_csv(csv)
-    d["split"] = ["train", "train", "train", "train", "test", "test"]
+    d["split"] = ["train", "train", "train", "train", "val", "test"]
     d.to_csv(csv, index=False)
     mem = tmp_path / "mem.csv"
     d.iloc[[1, 3]].to_csv(mem, index=False)
     df = ingest_csv(csv, root, split_column="split", mem_csv=mem)
     assert df.loc[df["subset"] == "mem", "id"].tolist() == ["p1/img1.jpg", "p1/img3.jpg"]
-    d.iloc[[4]].to_csv(mem, index=False)
-    with pytest.raises(DataError, match=r"mem\.csv row 2: .*img4\.jpg.*split 'test'"):
+    d.iloc[[5]].to_csv(mem, index=False)
+    with pytest.raises(DataError, match=r"mem\.csv row 2: .*img5\.jpg.*split 'test'"):
         ingest_csv(csv, root, split_column="split", mem_csv=mem)
+
+
+def test_ingest_split_column_needs_all_three_splits(user_data):
+    csv, root = user_data
+    d = pd.read_csv(csv)
+    d["split"] = ["train", "train", "train", "train", "test", "test"]
+    d.to_csv(csv, index=False)
+    with pytest.raises(DataError, match=r"train\.csv: column 'split' has no 'val' row"):
+        ingest_csv(csv, root, split_column="split")
+
+
+def test_ingest_group_column_keeps_each_patient_in_one_split(user_data):
+    csv, root = user_data
+    d = pd.read_csv(csv)
+    d["patient"] = ["a", "a", "b", "b", "c", "d"]
+    d.to_csv(csv, index=False)
+    for seed in range(6):
+        df = ingest_csv(csv, root, group_column="patient", n_mem=1, val_fraction=0.2, test_fraction=0.2, seed=seed)
+        split_of = dict(zip(df["id"], df["split"]))
+        for patient, group in d.groupby("patient"):
+            assert len({split_of[p] for p in group["path"]}) == 1, (seed, patient)
+        assert set(df["split"]) == {"train", "val", "test"}
+    d["split"] = ["train", "test", "train", "train", "val", "test"]  # patient a in two splits
+    d.to_csv(csv, index=False)
+    with pytest.raises(DataError, match=r"row 3: group 'a' \(column 'patient'\) is in split 'test' but .*row 2 puts it in 'train'"):
+        ingest_csv(csv, root, split_column="split", group_column="patient")
+
+
+def test_ingest_without_group_column_warns_of_the_risk(user_data, caplog):
+    csv, root = user_data
+    with caplog.at_level("WARNING", logger="memcontrol.data.manifest"):
+        ingest_csv(csv, root, n_mem=1)
+    assert "no group column" in caplog.text and "group_column" in caplog.text
 
 
 def test_ingest_missing_image_names_file_and_row(user_data):

@@ -57,8 +57,8 @@ def repro(tmp_path_factory):
 def test_dvc_repro_builds_every_output(repro):
     work, _ = repro
     m = pd.read_parquet(work / "data/processed/manifest.parquet")
-    assert set(m["split"]) == {"base", "train", "test"}
-    assert (m[m.split == "train"]["subset"] == "mem").sum() == 15  # 17 real X-rays - n_real_test
+    assert set(m["split"]) == {"base", "train", "val", "test"}
+    assert (m[m.split == "train"]["subset"] == "mem").sum() == 4  # data.demo.n_mem
     for comp in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         assert (work / "models/base" / comp).is_dir()
     th = json.loads((work / "data/reference/threshold.json").read_text())

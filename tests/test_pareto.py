@@ -25,9 +25,16 @@ def test_maximize_direction_and_nan():
 
 def test_selection_rules():
     front = pd.DataFrame({"mem": [0.9, 0.5, 0.2], "kid": [0.10, 0.12, 0.30]})
-    pick = select(front, mem="mem", quality="kid", rule="least_memorization_within_quality", quality_tolerance=0.5)
-    assert pick["mem"] == 0.5  # 0.2 costs too much quality (0.30 > 0.10 * 1.5)
-    assert select(front, mem="mem", quality="kid", rule="best_quality", quality_tolerance=0)["mem"] == 0.9
-    assert select(front, mem="mem", quality="kid", rule="least_memorization_within_quality", quality_tolerance=5)["mem"] == 0.2
+    rule = "least_memorization_within_quality"
+    # the limit is relative to the reference arm's quality (full fine-tuning's KID 0.10), not the front's best
+    pick, why = select(front, mem="mem", quality="kid", rule=rule, quality_tolerance=0.5, reference_quality=0.10)
+    assert pick["mem"] == 0.5 and why["quality_limit"] == pytest.approx(0.15) and why["n_within"] == 2
+    pick, _ = select(front, mem="mem", quality="kid", rule=rule, quality_tolerance=0.2, reference_quality=0.25)
+    assert pick["mem"] == 0.2  # 0.30 <= 0.25 * 1.2
+    pick, why = select(front, mem="mem", quality="kid", rule=rule, quality_tolerance=0.2, reference_quality=0.05)
+    assert pick["mem"] == 0.9 and "fallback" in why  # nothing within 0.06: the best-quality point
+    assert select(front, mem="mem", quality="kid", rule="best_quality", quality_tolerance=0)[0]["mem"] == 0.9
+    with pytest.raises(ValueError, match="needs the reference"):
+        select(front, mem="mem", quality="kid", rule=rule, quality_tolerance=0.2)
     with pytest.raises(ValueError):
         select(front.iloc[:0], mem="mem", quality="kid", rule="knee", quality_tolerance=0)

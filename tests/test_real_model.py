@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from memcontrol.data import reports
-from memcontrol.data.demo import real_images
 from memcontrol.data.images import load_images
 from memcontrol.models.bundle import ModelError, load_bundle
 from memcontrol.models.clip import VOCAB_SIZE, clip_tokenizer
 from memcontrol.sample import generate, initial_noise, item_seed
 from memcontrol.train import TrainData, finetune
 from memcontrol.tuning import Mask, apply, block_layout, mask_for_model, reference_layout
+from real_xrays import real_images
 from sd_style import SD15_BLOCKS, build_sd_style
 
 RES = 64
@@ -34,8 +34,8 @@ def sd_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def user_data(tmp_path_factory) -> tuple[Path, Path]:
     """A user's dataset as it arrives: original JPEGs (various sizes) and a DICOM in a folder, and a
-    CSV `path,text` of relative paths and report text (a distinct real IU report agreeing with each
-    image's label)."""
+    CSV `path,text,patient` of relative paths, report text (a distinct real IU report agreeing with
+    each image's label) and the patient id (one patient has two images)."""
     root = tmp_path_factory.mktemp("userdata")
     (root / "images").mkdir()
     iu = reports.load_iu_reports()
@@ -44,7 +44,7 @@ def user_data(tmp_path_factory) -> tuple[Path, Path]:
     for im in real_images():
         rel = f"images/{im.file.name}"
         shutil.copy(im.file, root / rel)
-        rows.append({"path": rel, "text": pools[im.label].pop(0)})
+        rows.append({"path": rel, "text": pools[im.label].pop(0), "patient": im.patient})
     pd.DataFrame(rows).to_csv(root / "reports.csv", index=False)
     return root / "reports.csv", root
 
@@ -68,6 +68,7 @@ def searched(sd_folder, user_data, prefect_api, tmp_path_factory):
     params = {
         "seed": 0,
         "data": {"source": "csv", "csv": {"csv": str(csv), "image_root": str(image_root), "n_mem": 4,
+                                          "group_column": "patient", "val_fraction": 0.2,
                                           "test_fraction": 0.25},
                  "data_size_ratio": 0.5, "n_repeats": 2},
         "model": {"path": str(sd_folder)},

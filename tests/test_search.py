@@ -1,4 +1,5 @@
-"""The outer loop's Optuna plumbing: seeded samplers, SQLite persistence, crash recovery."""
+"""The outer loop's Optuna plumbing: seeded samplers, SQLite persistence, crash recovery, and
+configurations never scored twice."""
 
 import socket
 
@@ -16,12 +17,26 @@ def _study(tmp_path, sampler="nsga2", seed=0, name="s"):
                         directions=["minimize", "minimize"])
 
 
-def _run(study, n, batch=2):
-    space = S.search_space(len(BLOCKS), 1e-4, 1e-2)
-    while (left := n - S.n_finished(study)) > 0:
-        for t in S.ask_batch(study, space, min(batch, left)):
-            m = S.mask_of(t.params, BLOCKS, method="lora", mode="full", granularity="transformer", options={})
-            S.tell(study, t, [sum(m.bits) + m.lr, len(m.bits) - sum(m.bits)])
+LRS = (1e-4, 1e-3, 1e-2)
+
+
+def _mask(params):
+    return S.mask_of(params, BLOCKS, method="lora", mode="full", granularity="transformer", options={})
+
+
+def _run(study, n, batch=2, trained=None):
+    """optimize() with a stand-in evaluation (the objectives are arithmetic on the mask); `trained`
+    collects every configuration that was actually evaluated."""
+    def evaluate(proposals):
+        out = []
+        for _, mask in proposals:
+            if trained is not None:
+                trained.append(mask.digest())
+            out.append(S.Outcome([sum(mask.bits) + mask.lr, len(mask.bits) - sum(mask.bits)], {"mask": mask.digest()}))
+        return out
+
+    S.optimize(study, S.search_space(len(BLOCKS), LRS), n_trials=n, batch_size=batch, make_mask=_mask,
+               evaluate=evaluate, seed=0)
 
 
 @pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
@@ -47,7 +62,7 @@ def test_study_resumes_from_sqlite(tmp_path):
 
 def test_interrupted_trial_is_failed_and_retried(tmp_path):
     st = _study(tmp_path)
-    space = S.search_space(len(BLOCKS), 1e-4, 1e-2)
+    space = S.search_space(len(BLOCKS), LRS)
     t = st.ask(space)
     t.set_user_attr("owner", f"{socket.gethostname()}:999999999")  # a worker that no longer exists
     live = st.ask(space)
@@ -62,7 +77,7 @@ def test_interrupted_trial_is_failed_and_retried(tmp_path):
 
 def test_nan_is_failed_with_reason(tmp_path):
     st = _study(tmp_path)
-    t = st.ask(S.search_space(len(BLOCKS), 1e-4, 1e-2))
+    t = st.ask(S.search_space(len(BLOCKS), LRS))
     S.tell(st, t, [float("nan"), 1.0])
     ft = st.trials[t.number]
     assert ft.state == TrialState.FAIL and ft.user_attrs["fail_reason"] == "nan objective"
@@ -72,3 +87,65 @@ def test_resume_with_other_sampler_is_refused(tmp_path):
     _study(tmp_path, "nsga2")
     with pytest.raises(ValueError, match="sampler"):
         _study(tmp_path, "tpe")
+
+
+def test_no_configuration_is_scored_twice(tmp_path):
+    """Two blocks and one LR: 4 configurations. NSGA-II soon proposes repeats; they are answered from
+    the earlier result (same values, marked duplicate_of) and the budget counts distinct ones."""
+    st = S.open_study(tmp_path / "study.db", "s", sampler="nsga2", seed=0, population_size=2,
+                      directions=["minimize", "minimize"])
+    space = S.search_space(2, (1e-3,))
+    trained = []
+
+    def evaluate(proposals):
+        trained.extend(m.digest() for _, m in proposals)
+        return [S.Outcome([sum(m.bits), 2 - sum(m.bits)], {"bits": m.bits}) for _, m in proposals]
+
+    make = lambda p: S.mask_of(p, BLOCKS[:2], method="lora", mode="full", granularity="transformer", options={})
+    S.optimize(st, space, n_trials=4, batch_size=3, make_mask=make, evaluate=evaluate, seed=0)
+    assert len(trained) == len(set(trained)) == 4 == S.n_finished(st)
+    done = st.get_trials(states=(TrialState.COMPLETE,))
+    repeats = [t for t in done if "duplicate_of" in t.user_attrs]
+    for t in repeats:
+        assert t.values == st.trials[t.user_attrs["duplicate_of"]].values
+        assert t.user_attrs["mask_digest"] == st.trials[t.user_attrs["duplicate_of"]].user_attrs["mask_digest"]
+    assert len(done) == 4 + len(repeats)
+
+
+def test_resumed_search_scores_as_many_distinct_configurations_as_an_uninterrupted_one(tmp_path):
+    """A rebuilt sampler replays its first proposals; they cost no budget, so the resumed study ends
+    with exactly n_trials distinct scored configurations, none trained twice."""
+    whole, trained = _study(tmp_path / "a"), []
+    _run(whole, 10, trained=trained)
+    assert len(trained) == len(set(trained)) == 10
+    part, trained = _study(tmp_path / "b"), []
+    _run(part, 3, trained=trained)
+    _run(_study(tmp_path / "b"), 10, trained=trained)  # a new process, same seed
+    assert len(trained) == len(set(trained)) == 10 == S.n_finished(_study(tmp_path / "b"))
+
+
+def test_search_stops_after_max_failures_naming_the_first_cause(tmp_path):
+    st = _study(tmp_path)
+    reasons = iter(f"FileNotFoundError: threshold.json (call {i})" for i in range(100))
+
+    def evaluate(proposals):
+        return [S.Outcome(None, reason=next(reasons)) for _ in proposals]
+
+    with pytest.raises(S.SearchError, match=r"4 trials failed in a row .*max_failures=3.*trial 0: "
+                                            r"FileNotFoundError: threshold\.json \(call 0\)"):
+        S.optimize(st, S.search_space(len(BLOCKS), LRS), n_trials=5, batch_size=2, make_mask=_mask,
+                   evaluate=evaluate, seed=0)
+    failed = st.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 4 and failed[0].user_attrs["fail_reason"].endswith("(call 0)")  # one whole batch more
+
+
+def test_a_success_resets_the_failure_count(tmp_path):
+    st = _study(tmp_path)
+    pattern = iter([False, False, True] * 10)
+
+    def evaluate(proposals):
+        return [S.Outcome([1.0, 2.0], {}) if next(pattern) else S.Outcome(None, reason="flaky") for _ in proposals]
+
+    S.optimize(st, S.search_space(len(BLOCKS), LRS), n_trials=3, batch_size=1, make_mask=_mask,
+               evaluate=evaluate, seed=0)
+    assert S.n_finished(st) == 3 and len(st.get_trials(states=(TrialState.FAIL,))) == 6

@@ -37,7 +37,7 @@ def work(tmp_path_factory):
 def test_prepare_writes_a_valid_manifest(work):
     p, L = work
     m = pd.read_parquet(L.manifest)
-    assert len(m) == 24 + 30 + 12 and m["sha256"].is_unique
+    assert len(m) == 24 + 8 + 30 + 12 + 12 and m["sha256"].is_unique  # base CT + codec, train, val, test
     assert (L.manifest.parent / m["path"].iloc[0]).exists()  # paths are relative to the manifest's folder
 
 
@@ -66,8 +66,15 @@ def test_reference_threshold_and_self_retrieval(work):
     ctx = EvalContext(p, L)
     sims, idx = ctx.index.search(ctx.train_feats[:5], k=1)
     assert (idx[:, 0] == np.arange(5)).all() and np.allclose(sims[:, 0], 1.0, atol=1e-4)
-    assert len(ids["train"]) == 30 and th["n_heldout"] == 12
-    assert th["heldout_flagged_rate_all"] <= 0.5
+    assert len(ids["train"]) == 30 and len(ids["val"]) == th["n_val"] == 12 and th["n_heldout"] == 12
+    # calibrated on val (conformal: with 12 images at q = 0.95 the threshold is val's max), floor on test
+    val_sims = ctx.index.search(np.load(L.reference / "val_feats.npy"), k=1)[0][:, 0]
+    test_sims = ctx.index.search(np.load(L.reference / "test_feats.npy"), k=1)[0][:, 0]
+    assert th["calibrated_on"] == "val" and th["threshold"] == pytest.approx(float(val_sims.max()))
+    assert th["heldout_flagged_rate"] == pytest.approx(float((test_sims > th["threshold"]).mean()))
+    spread = th["heldout_floor_spread"]
+    assert spread["n_splits"] == 200 and spread["n_images"] == 24
+    assert 0 <= spread["p10"] <= spread["p50"] <= spread["p90"] <= 1 and spread["std"] > 0
 
 
 def test_run_arm_trains_saves_and_reuses_finished_work(work):
@@ -79,7 +86,7 @@ def test_run_arm_trains_saves_and_reuses_finished_work(work):
     rec = run_arm(p, L, ctx, mask, out, rows=search_rows(p, ctx), steps=3, seed=0)
     m = rec["metrics"]
     assert 0 < m["trainable"] and 0 < m["trainable_pct"] < 100
-    assert 0 <= m["mem.flagged_rate"] <= 1 and m["mem.n"] == 15 * p.sample.mem_seeds
+    assert 0 <= m["mem.flagged_rate"] <= 1 and m["mem.n"] == p.data.demo.n_mem * p.sample.mem_seeds
     assert np.isfinite([m["quality.kid_mean"], m["quality.fid"], m["noise_norm.max"]]).all()
     for f in ("adapter.safetensors", "mask.json", "metrics.json", "grid.png"):
         assert (out / f).exists()

@@ -31,13 +31,13 @@ def prepare_transfer(params: Params, layout: Layout) -> Layout:
 
     target = transfer_layout(layout)
     settings = params.transfer
-    key = make_key(("memcontrol.data.transfer", "memcontrol.reference"), params, ("metrics",), n_train=settings.n_train, n_test=settings.n_test,
+    key = make_key(("memcontrol.data.transfer", "memcontrol.reference"), params, ("metrics",), n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test,
                    image_size=settings.image_size, seed=params.seed, base=file_digest(layout.base))
     stamp = target.root / "prepared.json"
     if finished(stamp, key) is not None and target.manifest.exists():
         return target
     data_dir = target.root / "data" / "images_root"
-    df = build_transfer(data_dir, n_train=settings.n_train, n_test=settings.n_test, image_size=settings.image_size,
+    df = build_transfer(data_dir, n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test, image_size=settings.image_size,
                         seed=params.seed)
     df["path"] = [os.path.relpath(data_dir / x, target.manifest.parent) for x in df["path"]]
     save_manifest(df, target.manifest)

@@ -4,10 +4,12 @@ Columns (all strings, see COLUMNS):
     id      unique row id
     path    image file, relative to the manifest's folder (demo) or absolute (user dataset)
     prompt  the text condition, whitespace-normalised, never empty
-    split   "base" (only for pretraining the tiny base model), "train" or "test"
-    subset  train rows: "mem" (the memorization subset) or "original"; "" for base/test rows
+    split   "base" (only for pretraining the tiny base model), "train", "val" (what the search scores
+            on) or "test" (Stage 2 and every reported number; the search never sees it)
+    subset  train rows: "mem" (the memorization subset) or "original"; base rows: "" or "codec"
+            (images that pretrain the VAE only); "" for val/test rows
     label   a short finding tag ("normal", "consolidation_rll", ...), "" if unknown
-    source  provenance tag ("drr+iu", "kermany2018+iu", "user", ...)
+    source  provenance tag ("drr+iu", "ct-axial", "user", ...)
     sha256  of the image file's bytes
 
 `ingest_csv` turns a MIMIC-CXR-style folder + CSV (path, text) into a manifest, `save_manifest` /
@@ -34,11 +36,14 @@ from memcontrol.data.images import DICOM_SUFFIXES, check_readable, write_atomic
 LOG = logging.getLogger(__name__)
 
 COLUMNS = ["id", "path", "prompt", "split", "subset", "label", "source", "sha256"]
-SPLITS = ("base", "train", "test")
+SPLITS = ("base", "train", "val", "test")
+USER_SPLITS = ("train", "val", "test")  # "base" only pretrains the embedded default's tiny model
 SUBSETS = ("mem", "original")
+# base rows of subset "codec" pretrain the VAE only, never the UNet (the embedded default's base)
+SUBSETS_OF = {"train": SUBSETS, "base": ("", "codec"), "val": ("",), "test": ("",)}
 
 __all__ = [
-    "COLUMNS", "SPLITS", "SUBSETS", "DataError", "ingest_csv", "save_manifest", "load_manifest",
+    "COLUMNS", "SPLITS", "SUBSETS", "USER_SPLITS", "split_by_group", "DataError", "ingest_csv", "save_manifest", "load_manifest",
     "validate_manifest", "image_paths", "digest", "memorization_training_set",
 ]
 
@@ -73,12 +78,12 @@ def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> pd.DataFrame
     if len(bad):
         i = bad[0]
         raise DataError(f"{where}: column 'split' row {i + 1}: {out['split'][i]!r} is not one of {SPLITS}")
-    is_train = out["split"] == "train"
-    bad = np.flatnonzero((is_train & ~out["subset"].isin(SUBSETS)) | (~is_train & (out["subset"] != "")))
+    allowed = out["split"].map(lambda split: SUBSETS_OF.get(split, ("",)))
+    bad = np.flatnonzero([subset not in ok for subset, ok in zip(out["subset"], allowed)])
     if len(bad):
         i = bad[0]
         raise DataError(f"{where}: column 'subset' row {i + 1}: {out['subset'][i]!r} is not valid for split "
-                        f"{out['split'][i]!r} (train: {SUBSETS}; base/test: '')")
+                        f"{out['split'][i]!r} (train: {SUBSETS}; base: '' or 'codec'; val/test: '')")
     bad = np.flatnonzero(~out["sha256"].str.fullmatch(r"[0-9a-f]{64}"))
     if len(bad):
         raise DataError(f"{where}: column 'sha256' row {bad[0] + 1}: {out['sha256'][bad[0]]!r} is not a sha256 hex digest")
@@ -121,9 +126,11 @@ def ingest_csv(
     path_column: str = "path",
     text_column: str = "text",
     split_column: str | None = None,
+    group_column: str | None = None,
     label_column: str | None = None,
     mem_csv: str | os.PathLike | None = None,
     n_mem: int = 16,
+    val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -131,8 +138,12 @@ def ingest_csv(
     return its manifest. Reads the CSV(s) and the images, writes nothing.
 
     Paths in the CSV are relative to `image_root` (or absolute); the manifest stores them absolute.
-    Without `split_column`, a seeded random `test_fraction` of rows becomes "test" and the rest
-    "train". The memorization subset is the rows listed in `mem_csv` (same path column; they must
+    Three splits: the search scores on "val", Stage 2 and every reported number on "test", which
+    the search never sees. Without `split_column`, seeded random shares `val_fraction` and
+    `test_fraction` become "val" and "test", the rest "train". With `group_column` (a patient id)
+    whole groups are assigned, so no patient has images in two splits; without it images of one
+    patient can land on both sides, which inflates held-out similarity and so the memorization
+    threshold (a warning says so). The memorization subset is the rows listed in `mem_csv` (same path column; they must
     be train rows, and a text column there must agree) or else `n_mem` seeded random train rows.
     Every problem raises DataError naming the file and the CSV row (header = row 1) or column.
     """
@@ -140,7 +151,7 @@ def ingest_csv(
     if not image_root.is_dir():
         raise DataError(f"{image_root}: image root folder not found")
     df = _read_csv(csv_path)
-    needed = [path_column, text_column] + [c for c in (split_column, label_column) if c]
+    needed = [path_column, text_column] + [c for c in (split_column, group_column, label_column) if c]
     _require(df, csv_path, needed)
     if len(df) == 0:
         raise DataError(f"{csv_path}: no data rows")
@@ -164,21 +175,35 @@ def ingest_csv(
         seen[k] = i
 
     n = len(df)
+    groups = None
+    if group_column:
+        groups = [str(g).strip() for g in df[group_column]]
+        for i, g in enumerate(groups):
+            if not g:
+                raise DataError(f"{row(i)}: column {group_column!r} (group / patient id) is empty")
     if split_column:
         split = [str(s).strip() for s in df[split_column]]
         for i, s in enumerate(split):
-            if s not in SPLITS:
-                raise DataError(f"{row(i)}: column {split_column!r} value {s!r} is not one of {SPLITS}")
+            if s not in USER_SPLITS:
+                raise DataError(f"{row(i)}: column {split_column!r} value {s!r} is not one of {USER_SPLITS}")
+        for need in USER_SPLITS:
+            if need not in split:
+                raise DataError(f"{csv_path}: column {split_column!r} has no {need!r} row; the search scores on "
+                                "'val' and every reported number uses 'test', so all three splits are needed")
+        if groups is not None:
+            first: dict[str, int] = {}
+            for i, g in enumerate(groups):
+                j = first.setdefault(g, i)
+                if split[j] != split[i]:
+                    raise DataError(f"{row(i)}: group {g!r} (column {group_column!r}) is in split {split[i]!r} "
+                                    f"but {row(j)} puts it in {split[j]!r}; a group must stay in one split")
     else:
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        n_test = int(round(n * test_fraction))
-        if n_test < 1 or n - n_test < 1:
-            raise DataError(f"{csv_path}: {n} rows with test_fraction={test_fraction} leave "
-                            f"{n - n_test} train and {n_test} test rows; need at least one of each")
-        split = ["train"] * n
-        for i in np.random.default_rng(seed).permutation(n)[:n_test]:
-            split[int(i)] = "test"
+        split = split_by_group(groups if groups is not None else [str(i) for i in range(n)],
+                               val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, where=str(csv_path))
+    if groups is None:
+        LOG.warning("%s: no group column (patient id): images of one patient may land in both train and "
+                    "val/test, which inflates held-out similarity and so biases the memorization threshold "
+                    "and floor upwards; set data.csv.group_column", csv_path)
     train_idx = [i for i, s in enumerate(split) if s == "train"]
 
     # memorization subset
@@ -228,9 +253,39 @@ def ingest_csv(
         "source": ["user"] * n,
         "sha256": hashes,
     })
-    LOG.info("ingested %s: %d rows (%d train, %d mem, %d test)", csv_path, n, len(train_idx), len(mem),
-             sum(s == "test" for s in split))
+    LOG.info("ingested %s: %d rows (%d train, %d mem, %d val, %d test)", csv_path, n, len(train_idx), len(mem),
+             split.count("val"), split.count("test"))
     return validate_manifest(out, where=str(csv_path))
+
+
+def split_by_group(groups: list[str], *, val_fraction: float, test_fraction: float, seed: int,
+                   where: str = "dataset") -> list[str]:
+    """Assign whole groups (patients) to "test", "val" and "train", in a seeded random order of the
+    groups, until each held-out split holds its share of the rows (rounded, at least one; a group is
+    never cut, so a split can hold a few more). Returns one split per row."""
+    if not (0.0 < val_fraction < 1.0 and 0.0 < test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise DataError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) "
+                        "and sum to less than 1")
+    n = len(groups)
+    rows_of: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows_of.setdefault(g, []).append(i)
+    order = [list(rows_of)[int(k)] for k in np.random.default_rng([seed, 2]).permutation(len(rows_of))]
+    split = ["train"] * n
+    want = {"test": max(1, round(test_fraction * n)), "val": max(1, round(val_fraction * n))}
+    got = {"test": 0, "val": 0}
+    for g in order:
+        target = next((s for s in ("test", "val") if got[s] < want[s]), None)
+        if target is None:
+            break
+        for i in rows_of[g]:
+            split[i] = target
+        got[target] += len(rows_of[g])
+    counts = {s: split.count(s) for s in USER_SPLITS}
+    if min(counts.values()) < 1:
+        raise DataError(f"{where}: {n} rows in {len(rows_of)} groups with val_fraction={val_fraction}, "
+                        f"test_fraction={test_fraction} give {counts}; need at least one row in each split")
+    return split
 
 
 def save_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:

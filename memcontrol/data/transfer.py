@@ -40,7 +40,7 @@ WINDOWS = {  # name -> (level, width) HU, the usual chest CT presets
     "mediastinal": (40.0, 400.0),
     "bone": (400.0, 1800.0),
 }
-_STREAM = {"train": 2, "test": 3}
+_STREAM = {"train": 2, "test": 3, "val": 4}
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,12 @@ def render_slice(ct: CTVolume, rng: np.random.Generator, size: int) -> tuple[np.
 # ----------------------------------------------------------------------------- the manifest
 
 
-def build_transfer(out_dir: str | Path, *, n_train: int = 200, n_test: int = 64, image_size: int = 128,
-                   seed: int = 0) -> pd.DataFrame:
+def build_transfer(out_dir: str | Path, *, n_train: int = 200, n_val: int = 64, n_test: int = 64,
+                   image_size: int = 128, seed: int = 0) -> pd.DataFrame:
     """Write the transfer dataset's PNGs under `out_dir` and return its manifest (paths relative to
     `out_dir`). Deterministic given `seed`: the same seed gives byte-identical PNGs."""
-    if n_train < 1 or n_test < 1:
-        raise DataError(f"transfer dataset: n_train and n_test must be >= 1, got {n_train}, {n_test}")
+    if min(n_train, n_val, n_test) < 1:
+        raise DataError(f"transfer dataset: n_train, n_val and n_test must be >= 1, got {n_train}, {n_val}, {n_test}")
     out_dir = Path(out_dir)
     rows = []
 
@@ -225,7 +225,7 @@ def build_transfer(out_dir: str | Path, *, n_train: int = 200, n_test: int = 64,
     for s in CAPTIONS:
         add(resize_crop(read_real(s), image_size), s.id, s.caption, "train", "mem", s.label, f"{s.package}:{s.file}")
     ct = load_ct()
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         for i in range(n):
             rng = np.random.default_rng([seed, _STREAM[split], i])
             img, prompt, label = render_slice(ct, rng, image_size)
@@ -234,6 +234,6 @@ def build_transfer(out_dir: str | Path, *, n_train: int = 200, n_test: int = 64,
     dup = df["sha256"].duplicated(keep=False)
     if dup.any():
         raise DataError(f"transfer dataset: identical images {df['id'][dup].tolist()[:4]}")
-    LOG.info("transfer dataset: %d mem, %d train CT slices, %d test CT slices, %d distinct prompts",
-             len(CAPTIONS), n_train, n_test, df["prompt"].nunique())
+    LOG.info("transfer dataset: %d mem, %d train, %d val, %d test CT slices, %d distinct prompts",
+             len(CAPTIONS), n_train, n_val, n_test, df["prompt"].nunique())
     return validate_manifest(df, where=str(out_dir))
