@@ -1,10 +1,19 @@
-"""Build the default demo dataset, time it, and measure how alike its images are.
+"""Build the default demo dataset (params.yaml `data.demo`), time it, count it and measure how alike
+its images are.
 
-    .venv/bin/python benchmarks/bench_data.py [--out DIR] [--grid docs/images/data_examples.png]
+    .venv/bin/python benchmarks/bench_data.py [--params params.yaml] [--out DIR] [--grid docs/images/data_examples.png]
 
-Prints a table and writes benchmarks/results/data.json. Similarities: Pearson correlation of
-64x64 grayscale pixels, and cosine similarity of ImageNet MobileNetV2 embeddings (1280-d, the
-project's default memorization embedder), for DRR-DRR, real-real and real-DRR pairs.
+Prints tables and writes benchmarks/results/data.json (docs/data.md cites it). Similarities, each
+as the Pearson correlation of 64x64 grayscale pixels and as the cosine of the configured
+memorization embedder (params.yaml `metrics`: ImageNet MobileNetV2, 1280-d, uncentred):
+
+* ct_ct: pairs of base CT slices; drr_drr: pairs of fine-tuning radiographs (train/val/test);
+* mem_vs_train_nn: each memorization-subset image against the other train radiographs (its
+  nearest neighbour is what a copy of it has to stand out from);
+* heldout_vs_train_nn: each val/test radiograph against all train radiographs (what the
+  memorization threshold is calibrated on, val, and its false-positive floor measured on, test);
+* codec_vs_train_nn: each VAE-only radiograph against the train radiographs;
+* ct_vs_drr: base CT slices against fine-tuning radiographs (how far apart the two worlds are).
 """
 
 from __future__ import annotations
@@ -21,97 +30,115 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from memcontrol.config import load_params  # noqa: E402
 from memcontrol.data import card  # noqa: E402
 from memcontrol.data.demo import build_demo  # noqa: E402
-from memcontrol.data.images import load_images  # noqa: E402
+from memcontrol.data.images import load_images, write_atomic  # noqa: E402
 from memcontrol.data.manifest import image_paths, save_manifest  # noqa: E402
 
+PAIRS = ("ct_ct", "drr_drr", "mem_vs_train_nn", "heldout_vs_train_nn", "codec_vs_train_nn", "ct_vs_drr")
 
-def embedding_similarity(a: list[Path], b: list[Path] | None) -> dict:
+
+def embeddings(paths: list[Path], params) -> tuple[np.ndarray, str]:
+    """Unit-norm embeddings of the configured memorization embedder, and its description."""
     from memcontrol.embed import build_embedder
 
-    emb = build_embedder("mobilenet_v2")
+    m = params.metrics
+    emb = build_embedder(m.embedder, path=m.embedder_path, image_size=m.embed_size, **m.embedder_options)
+    feats = []
+    for start in range(0, len(paths), 128):  # bounded memory: 128 images at a time
+        x = (load_images(paths[start:start + 128], m.embed_size) + 1.0) / 2.0
+        feats.append(emb.embed(x))
+    f = np.concatenate(feats)
+    return f / np.linalg.norm(f, axis=1, keepdims=True), f"{m.embedder} {dict(m.embedder_options)} at {m.embed_size} px"
 
-    def feats(paths):
-        x = (load_images(paths, 128) + 1.0) / 2.0
-        f = emb.embed(x)
-        return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-    fa = feats(a)
-    if b is None:
-        c = fa @ fa.T
-        np.fill_diagonal(c, -np.inf)
-        vals = c[np.triu_indices(len(fa), 1)]
-    else:
-        c = fa @ feats(b).T
-        vals = c.ravel()
-    return {"mean": float(vals.mean()), "p95": float(np.percentile(vals, 95)), "nn_mean": float(c.max(axis=1).mean())}
+def pair_stats(features: np.ndarray, groups: dict[str, np.ndarray]) -> dict:
+    g = groups
+    return {
+        "ct_ct": card.similarity(features[g["ct"]]),
+        "drr_drr": card.similarity(features[g["drr"]]),
+        "mem_vs_train_nn": card.similarity(features[g["mem"]], features[g["train_original"]]),
+        "heldout_vs_train_nn": card.similarity(features[g["heldout"]], features[g["train"]]),
+        "codec_vs_train_nn": card.similarity(features[g["codec"]], features[g["train"]]),
+        "ct_vs_drr": card.similarity(features[g["ct"]], features[g["drr"]]),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, default=None, help="dataset folder (default: a temporary one)")
     ap.add_argument("--grid", type=Path, default=None, help="also write the data-card example grid here")
-    ap.add_argument("--n-sim", type=int, default=300, help="DRRs sampled for the similarity statistics")
     args = ap.parse_args()
+    params = load_params(args.params)
+    demo = params.data.demo.model_dump()
     out = args.out or Path(tempfile.mkdtemp(prefix="memcontrol-demo-"))
 
     t0, c0 = time.perf_counter(), time.process_time()
-    df = build_demo(out)
+    df = build_demo(out, seed=params.seed, **demo)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    load = os.getloadavg()[0]
     save_manifest(df, out / "manifest.parquet")
 
     paths = image_paths(df, out)
-    is_drr = df["source"].str.startswith("drr").to_numpy()
-    rng = np.random.default_rng(0)
-    drr_idx = rng.choice(np.flatnonzero(is_drr), size=min(args.n_sim, int(is_drr.sum())), replace=False)
-    drr = [paths[i] for i in drr_idx]
-    real = [paths[i] for i in np.flatnonzero(~is_drr)]
-    train_drr = [paths[i] for i in np.flatnonzero(is_drr & (df["split"] == "train").to_numpy())]
-
-    sims = {
-        "pixel_corr": {
-            "drr_drr": card.pixel_correlation(drr),
-            "real_real": card.pixel_correlation(real),
-            "real_vs_train_drr": card.pixel_correlation(real, train_drr),
-        }
+    split, subset = df["split"].to_numpy(), df["subset"].to_numpy()
+    groups = {
+        "ct": np.flatnonzero((split == "base") & (subset == "")),
+        "codec": np.flatnonzero(subset == "codec"),
+        "drr": np.flatnonzero(np.isin(split, ["train", "val", "test"])),
+        "train": np.flatnonzero(split == "train"),
+        "train_original": np.flatnonzero(subset == "original"),
+        "mem": np.flatnonzero(subset == "mem"),
+        "heldout": np.flatnonzero(np.isin(split, ["val", "test"])),
     }
-    try:
-        sims["mobilenet_cos"] = {
-            "drr_drr": embedding_similarity(drr, None),
-            "real_real": embedding_similarity(real, None),
-            "real_vs_train_drr": embedding_similarity(real, train_drr),
-        }
-    except Exception as e:  # the embedder is another module; report, do not fail the timing
-        sims["mobilenet_cos"] = {"error": f"{type(e).__name__}: {e}"}
+    t1 = time.perf_counter()
+    sims = {"pixel_corr": pair_stats(card.pixel_features(paths), groups)}
+    emb, emb_name = embeddings(paths, params)
+    sims["embedding_cos"] = pair_stats(emb, groups)
+    sims["embedder"] = emb_name
+    sim_s = time.perf_counter() - t1
 
-    counts = card.counts(df)
-    src = df["source"].str.split(":").str[0].value_counts().to_dict()
+    table = card.counts(df)
+    words = df["prompt"].str.split().str.len()
+    is_ct = df["source"] == "ct-axial"
     result = {
-        "build_demo_defaults": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "n_images": len(df),
-                                "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-                                "python": platform.python_version()},
+        "params": {"seed": params.seed, **demo},
+        "build_demo": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "n_images": len(df),
+                       "cpus": os.cpu_count(), "load_avg_1min": round(load, 2),
+                       "python": platform.python_version(), "similarity_wall_s": round(sim_s, 1)},
         "by_split_subset": df.groupby(["split", "subset"]).size().rename("n").reset_index()
         .to_dict(orient="records"),
-        "by_label": df["label"].value_counts().to_dict(),
-        "by_source": src,
-        "prompt_words": {"mean": float(df["prompt"].str.split().str.len().mean()),
-                         "max": int(df["prompt"].str.split().str.len().max())},
+        "by_split_subset_label": table.to_dict(orient="records"),
+        "by_label": df["label"].value_counts().sort_index().to_dict(),
+        "by_source": df["source"].value_counts().to_dict(),
+        "mem_labels": df.loc[df["subset"] == "mem", "label"].value_counts().sort_index().to_dict(),
+        "prompts": {
+            "distinct": int(df["prompt"].nunique()),
+            "distinct_radiograph": int(df.loc[~is_ct, "prompt"].nunique()),
+            "distinct_ct": int(df.loc[is_ct, "prompt"].nunique()),
+            "words_radiograph": {"mean": float(words[~is_ct].mean()), "min": int(words[~is_ct].min()),
+                                 "max": int(words[~is_ct].max())},
+            "words_ct": {"mean": float(words[is_ct].mean()), "min": int(words[is_ct].min()),
+                         "max": int(words[is_ct].max())},
+        },
         "similarity": sims,
     }
-    print(f"build_demo (defaults): {len(df)} images, wall {wall:.1f} s, CPU {cpu:.1f} s "
-          f"(load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print(counts.to_string(index=False))
-    print("\nsimilarity               mean    p95   nn_mean")
-    for kind, d in sims.items():
-        for pair, s in d.items():
-            if isinstance(s, dict):
-                print(f"{kind:13s} {pair:18s} {s['mean']:.3f}  {s['p95']:.3f}  {s['nn_mean']:.3f}")
-            else:
-                print(f"{kind:13s} {s}")
+    print(f"build_demo ({', '.join(f'{k}={v}' for k, v in result['params'].items())}): {len(df)} images, "
+          f"wall {wall:.1f} s, CPU {cpu:.1f} s (load avg {load:.1f} on {os.cpu_count()} CPUs)")
+    print(df.groupby(["split", "subset"]).size().rename("n").reset_index().to_string(index=False))
+    print()
+    print(table.pivot_table(index="label", columns=["split", "subset"], values="n", aggfunc="sum", fill_value=0)
+          .to_string())
+    print(f"\nsimilarity (pixel: Pearson 64 px; embedding: {emb_name}, cosine)")
+    print(f"{'':14s}{'pair':22s}{'n_a':>5s}{'n_b':>5s}{'mean':>7s}{'p95':>7s}{'nn_mean':>8s}{'nn_p95':>7s}{'nn_max':>7s}")
+    for kind in ("pixel_corr", "embedding_cos"):
+        for pair in PAIRS:
+            s = sims[kind][pair]
+            print(f"{kind:14s}{pair:22s}{s['n_a']:5d}{s['n_b']:5d}{s['mean']:7.3f}{s['p95']:7.3f}"
+                  f"{s['nn_mean']:8.3f}{s['nn_p95']:7.3f}{s['nn_max']:7.3f}")
     res = Path(__file__).parent / "results" / "data.json"
-    res.parent.mkdir(exist_ok=True)
-    res.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_atomic((json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), res)
     print(f"\nwrote {res}")
     if args.grid:
         card.example_grid(df, out, args.grid)

@@ -35,7 +35,7 @@ ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params.yaml to r
 RootOpt = typer.Option(None, "--root", help="working directory for outputs (default: params `workdir`)")
 
 
-def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
+def _run(name: str, params: str, root: str | None, module: str = "pipeline", **options):
     from memcontrol.config import ConfigError, load_params
 
     _logging()
@@ -50,7 +50,7 @@ def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
 
     t0 = time.perf_counter()
     try:
-        out = getattr(flows_module, name)(params_path=params, root=root)
+        out = getattr(flows_module, name)(params_path=params, root=root, **options)
     except (ValueError, FileNotFoundError, KeyError) as e:
         typer.secho(f"{name}: {e}", fg="red", err=True)
         raise typer.Exit(1)
@@ -65,9 +65,11 @@ def prepare(params: str = ParamsOpt, root: str = RootOpt):
 
 
 @app.command()
-def base(params: str = ParamsOpt, root: str = RootOpt):
-    """Pretrain the tiny base model (or check model.path) into models/base/."""
-    _run("base", params, root)
+def base(params: str = ParamsOpt, root: str = RootOpt,
+         pretrain: bool = typer.Option(False, "--pretrain", help="pretrain even when the committed tiny base's recipe matches")):
+    """The base model into models/base/: check model.path, or the tiny default (the committed copy
+    when its recipe matches these params and data, else pretrained)."""
+    _run("base", params, root, force_pretrain=pretrain)
 
 
 @app.command()

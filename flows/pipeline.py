@@ -37,9 +37,9 @@ def prepare(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 
 @flow(name="base")
-def base(params_path: str = "params.yaml", root: str | None = None) -> str:
+def base(params_path: str = "params.yaml", root: str | None = None, force_pretrain: bool = False) -> str:
     params, workdir, _ = _setup(params_path, root)
-    return T.base(params, workdir)
+    return T.base(params, workdir, force_pretrain=force_pretrain)
 
 
 @flow(name="reference")

@@ -7,6 +7,8 @@ on the manifest's `base` split (never fine-tuned on) and save it as a diffusers 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from memcontrol.config import Params
 from memcontrol.data.images import load_images
 from memcontrol.encode import encode_manifest, image_paths
-from memcontrol.models import tiny
+from memcontrol.models import pretrained, tiny
 from memcontrol.models.bundle import Bundle, load_bundle, save_bundle
 from memcontrol.models.pretrain import fit_scaling_factor, pretrain_vae
 from memcontrol.progress import Progress, ticker
@@ -23,6 +25,8 @@ from memcontrol.sample import generate, item_seed
 from memcontrol.train import finetune
 from memcontrol.tuning import block_layout
 from memcontrol.workdir import Layout, read_manifest, rows_of, write_json
+
+log = logging.getLogger(__name__)
 
 def point_at(layout: Layout, model_path: Path | str, resolution: int) -> Path:
     """Make `layout.base` refer to a diffusers folder elsewhere (no copy of the weights)."""
@@ -45,17 +49,8 @@ def model_resolution(layout: Layout) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def base(params: Params, layout: Layout, progress: Progress = None) -> Path:
-    """Point at the user's model, or pretrain the tiny one; also draw a sample grid of it."""
-    if params.model.path is not None:
-        bundle = load_bundle(params.model.path)
-        layout.base.mkdir(parents=True, exist_ok=True)
-        point_at(layout, Path(params.model.path).resolve(), bundle.resolution)
-        return layout.base
-    df = read_manifest(layout)
-    rows = rows_of(df, "base")
-    if rows.empty:
-        raise ValueError(f"{layout.manifest}: no `base` rows to pretrain the tiny model on (set model.path for a real model)")
+def pretrain(params: Params, layout: Layout, rows, progress: Progress = None) -> Bundle:
+    """Pretrain the tiny model on the manifest's base rows (minutes on 2 cores)."""
     cfg, bt = params.model.tiny, params.model.base_train
     torch.manual_seed(params.seed)
     bundle = tiny.build(cfg, seed=params.seed)
@@ -74,7 +69,30 @@ def base(params: Params, layout: Layout, progress: Progress = None) -> Path:
              seed=params.seed, cfg_dropout=0.1, device=params.train.device,
              progress=lambda step, _loss: ticker(progress, "base: UNet")(step, bt.unet_steps))
     unet.to("cpu").requires_grad_(False)
+    return bundle
+
+
+def base(params: Params, layout: Layout, progress: Progress = None, *, force_pretrain: bool = False) -> Path:
+    """Point at the user's model, or bring up the tiny one: the committed copy when its recipe
+    matches (memcontrol/models/pretrained.py), else pretrain. Also draws a sample grid of it."""
+    if params.model.path is not None:
+        bundle = load_bundle(params.model.path)
+        layout.base.mkdir(parents=True, exist_ok=True)
+        point_at(layout, Path(params.model.path).resolve(), bundle.resolution)
+        return layout.base
+    df = read_manifest(layout)
+    rows = rows_of(df, "base")
+    if rows.empty:
+        raise ValueError(f"{layout.manifest}: no `base` rows to pretrain the tiny model on (set model.path for a real model)")
+    key = pretrained.recipe(params, rows)
+    if not force_pretrain and pretrained.committed_recipe() == key:
+        bundle, source = pretrained.load_committed(params), "committed"
+    else:
+        t0 = time.perf_counter()
+        bundle, source = pretrain(params, layout, rows, progress), "pretrained"
+        log.info("base: pretrained the tiny model in %.0f s", time.perf_counter() - t0)
     save_bundle(bundle, layout.base)
+    write_json({"recipe": key, "source": source}, layout.base / "recipe.json")
     # A sample grid of the base model on held-out prompts of the fine-tuning domain.
     test = rows_of(df, "test").head(16)
     text = bundle.encode_prompts(test["prompt"].tolist())

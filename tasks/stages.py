@@ -27,10 +27,10 @@ def prepare(params: Params, root: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def base(params: Params, root: str) -> str:
-    """Pretrain the tiny base model, or check and point at the user's diffusers folder."""
+def base(params: Params, root: str, force_pretrain: bool = False) -> str:
+    """The tiny base model (committed copy or pretrained), or check and point at the user's folder."""
     with bars() as progress:
-        return str(base_model.base(params, Layout(Path(root)), progress))
+        return str(base_model.base(params, Layout(Path(root)), progress, force_pretrain=force_pretrain))
 
 
 @task(cache_policy=NO_CACHE)
