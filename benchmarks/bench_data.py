@@ -31,7 +31,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from memcontrol.config import load_params  # noqa: E402
-from memcontrol.data import card  # noqa: E402
+from memcontrol import assets  # noqa: E402
+from memcontrol.data import card, drr, reports, transfer  # noqa: E402
+from memcontrol.data.demo import DRR_MIX  # noqa: E402
 from memcontrol.data.demo import build_demo  # noqa: E402
 from memcontrol.data.images import load_images, write_atomic  # noqa: E402
 from memcontrol.data.manifest import image_paths, save_manifest  # noqa: E402
@@ -51,6 +53,52 @@ def embeddings(paths: list[Path], params) -> tuple[np.ndarray, str]:
         feats.append(emb.embed(x))
     f = np.concatenate(feats)
     return f / np.linalg.norm(f, axis=1, keepdims=True), f"{m.embedder} {dict(m.embedder_options)} at {m.embed_size} px"
+
+
+def _timed(fn, *args):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, {"wall_s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3)}
+
+
+def components(image_size: int, n: int = 60) -> dict:
+    """Where build_demo's time goes, measured apart with the caches cleared: reading the CT, the IU
+    reports and the DRR phantom once per process, and rendering `n` CT slices and `n` DRRs (with
+    their prompts; PNG encoding not included). Also the inputs' sizes and the sentence pools."""
+    import nibabel as nib
+
+    drr._load_phantom.cache_clear()
+    reports.load_iu_reports.cache_clear()
+    reports.sentence_bank.cache_clear()
+    ct, t_ct = _timed(transfer.load_ct)
+    rng = np.random.default_rng(0)
+    _, t_slices = _timed(lambda: [transfer.render_slice(ct, rng, image_size) for _ in range(n)])
+    iu, t_iu = _timed(reports.load_iu_reports)
+    bank, t_bank = _timed(reports.sentence_bank, iu)
+    phantom, t_ph = _timed(drr.load_phantom, 4 if image_size <= 160 else 2)
+    weights = np.array([w for _, _, w in DRR_MIX])
+
+    def drrs():
+        for _ in range(n):
+            kind, where, _ = DRR_MIX[int(rng.choice(len(DRR_MIX), p=weights / weights.sum()))]
+            _, finding, _ = reports.drr_prompt(kind, where, bank, rng)
+            drr.render(phantom, finding, rng, image_size)
+
+    _, t_drr = _timed(drrs)
+    per = lambda t: {k: round(v / n * 1000, 1) for k, v in t.items()}  # noqa: E731 -> ms per image
+    header = nib.load(assets.ct_volume()).header
+    return {
+        "load_ct": t_ct, "ct_slice_ms": per(t_slices), "load_iu_reports": t_iu, "sentence_bank": t_bank,
+        "load_phantom": t_ph, "drr_ms": per(t_drr), "n_timed": n,
+        "ct": {"shape": [int(v) for v in header.get_data_shape()],
+               "spacing_mm": [round(float(v), 3) for v in header.get_zooms()],
+               "n_structures": len(ct.names), "chest_slices": list(ct.z_range),
+               "phantom_shape": list(phantom.mu_soft.shape),
+               "phantom_spacing_mm": [round(float(v), 2) for v in phantom.spacing]},
+        "iu": {"n_reports": len(iu), "n_normal_reports": len(bank.normal),
+               "positive_sentences": {f"{k}_{w}" if w else k: len(v) for (k, w), v in bank.positive.items()},
+               "context_sentences": {k: len(v) for k, v in bank.context.items()}},
+    }
 
 
 def pair_stats(features: np.ndarray, groups: dict[str, np.ndarray]) -> dict:
@@ -98,6 +146,7 @@ def main() -> None:
     sims["embedding_cos"] = pair_stats(emb, groups)
     sims["embedder"] = emb_name
     sim_s = time.perf_counter() - t1
+    parts = components(demo["image_size"])
 
     table = card.counts(df)
     words = df["prompt"].str.split().str.len()
@@ -107,6 +156,7 @@ def main() -> None:
         "build_demo": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "n_images": len(df),
                        "cpus": os.cpu_count(), "load_avg_1min": round(load, 2),
                        "python": platform.python_version(), "similarity_wall_s": round(sim_s, 1)},
+        "components": parts,
         "by_split_subset": df.groupby(["split", "subset"]).size().rename("n").reset_index()
         .to_dict(orient="records"),
         "by_split_subset_label": table.to_dict(orient="records"),
@@ -126,6 +176,9 @@ def main() -> None:
     }
     print(f"build_demo ({', '.join(f'{k}={v}' for k, v in result['params'].items())}): {len(df)} images, "
           f"wall {wall:.1f} s, CPU {cpu:.1f} s (load avg {load:.1f} on {os.cpu_count()} CPUs)")
+    print(f"components: CT {parts['load_ct']['cpu_s']:.1f} s, IU reports {parts['load_iu_reports']['cpu_s']:.1f} s + "
+          f"bank {parts['sentence_bank']['cpu_s']:.1f} s, phantom {parts['load_phantom']['cpu_s']:.1f} s CPU; "
+          f"per image {parts['ct_slice_ms']['cpu_s']:.0f} ms (CT slice), {parts['drr_ms']['cpu_s']:.0f} ms (DRR) CPU")
     print(df.groupby(["split", "subset"]).size().rename("n").reset_index().to_string(index=False))
     print()
     print(table.pivot_table(index="label", columns=["split", "subset"], values="n", aggfunc="sum", fill_value=0)

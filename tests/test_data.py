@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from memcontrol import assets
-from memcontrol.data import drr, reports
+from memcontrol.data import card, drr, reports
 from memcontrol.data.demo import DRR_MIX, build_demo, drr_label
 from memcontrol.data.images import load_images, read_dicom, save_png
 from memcontrol.data.manifest import (
@@ -239,6 +239,52 @@ def test_finding_rejects_bad_values():
         drr.Finding("effusion", "rll")
     with pytest.raises(ValueError, match="severity"):
         drr.Finding("nodule", "rul", 1.5)
+
+
+# ----------------------------------------------------------------------------- data card
+
+
+def test_card_grid_rows_cover_every_image_once(micro, tmp_path):
+    root, df = micro
+    hits = np.stack([pred(df).to_numpy() for _, pred in card.GRID_ROWS])
+    assert (hits.sum(axis=0) == 1).all()  # each image belongs to exactly one grid row
+    titles = [t for t, _ in card.GRID_ROWS]
+    assert (df.loc[hits[titles.index("CT slices\n(base)")], "source"] == "ct-axial").all()
+    assert (df.loc[hits[titles.index("memorization\nsubset (train)")], "subset"] == "mem").all()
+    out = card.example_grid(df, root, tmp_path / "grid.png", per_row=3, thumb=32)
+    with Image.open(out) as im:
+        grid = np.asarray(im)
+    assert grid.shape == (len(card.GRID_ROWS) * (32 + 12), 112 + 3 * 32)
+    for r in range(len(card.GRID_ROWS)):  # a row shows images exactly when the manifest has some
+        cells = grid[r * 44: r * 44 + 32, 112:]
+        assert (cells.max() > 0) == bool(hits[r].any())
+
+
+def test_card_counts_add_up(micro):
+    _, df = micro
+    table = card.counts(df)
+    assert table["n"].sum() == len(df)
+    assert set(table["source"]) == {"ct-axial", "drr+iu", "drr+template"} & set(df["source"])
+    mem = table[table["subset"] == "mem"]
+    assert mem["n"].sum() == MICRO["n_mem"] and (mem["split"] == "train").all()
+
+
+def test_card_similarity_statistics(micro):
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    within = card.similarity(features)
+    assert within["mean"] == pytest.approx(1 / 3)  # pairs: 0, 1, 0
+    assert within["nn_max"] == pytest.approx(1.0) and within["nn_mean"] == pytest.approx(2 / 3)
+    across = card.similarity(features[:2], np.array([[0.6, 0.8]]))
+    assert (across["n_a"], across["n_b"]) == (2, 1)
+    assert across["mean"] == pytest.approx(0.7) and across["nn_max"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="at least 2"):
+        card.similarity(features[:1])
+    root, df = micro
+    paths = image_paths(df, root)[:5]
+    same = card.pixel_correlation(paths, paths)  # every image's nearest neighbour is itself
+    assert same["nn_p5"] == pytest.approx(1.0)
+    other = card.pixel_correlation(paths)
+    assert -1.0 <= other["p5"] <= other["mean"] <= other["nn_max"] < 1.0
 
 
 # ----------------------------------------------------------------------------- manifest
