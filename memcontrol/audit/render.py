@@ -142,13 +142,14 @@ class ReportInputs:
     settings: dict              # shown as a key/value list
     figures: list[tuple[str, Path, str]]  # (title, png, caption)
     grids: list[tuple[str, Path]]         # (arm, nearest.png)
+    quality_tolerance: float = 0.2        # select.quality_tolerance: the "selected mask wins" claim's limit
 
 
 def write_report(inp: ReportInputs, md_path: Path, html_path: Path) -> tuple[Path, Path]:
     """Markdown (figures linked relative to md_path) and a self-contained HTML (figures inline)."""
     disp = display_table(inp.table)
     trade = tradeoff(inp.table, inp.mem_key, inp.quality_key)
-    cl = pd.DataFrame(claims(inp.table, inp.records, inp.mem_key, inp.quality_key))
+    cl = pd.DataFrame(claims(inp.table, inp.records, inp.mem_key, inp.quality_key, inp.quality_tolerance))
     rel = lambda png: os.path.relpath(png, md_path.parent)  # noqa: E731
     md = [f"# {inp.title}", "", *[x + "\n" for x in inp.intro],
           "## Results (mean ± std over seeds)", "", markdown_table(disp), "",

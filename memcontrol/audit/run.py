@@ -67,7 +67,7 @@ def report(params: Params, layout: Layout, records: list[dict], *, title: str, o
     inp = ReportInputs(title=title, intro=intro, table=table, records=records, mem_key=mem_key, quality_key=q_key,
                        card=data_card(read_manifest(layout)),
                        settings=_settings_list(params, layout, steps, seeds, selected, threshold_file),
-                       figures=figs, grids=grids)
+                       figures=figs, grids=grids, quality_tolerance=params.select.quality_tolerance)
     write_report(inp, out_md, out_html)
     return {"table": table, "md": out_md, "html": out_html, "figures": [f[1] for f in figs]}
 
