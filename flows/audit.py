@@ -100,7 +100,7 @@ def release_task(params: Params, root: str) -> dict:
                                  params={"seed": release.seed, "n_prompts": release.n_prompts,
                                          "per_prompt": release.per_prompt, "pixel_guard": release.pixel_guard})
     out = layout.root / "release"
-    tracking.log_files(uri, params.tracking.experiment, layout.root, parent, [out / "summary.json", out / "manifest.csv"],
+    tracking.log_files(uri, params.tracking.experiment, layout.root, parent, [out / "summary.json", out / "manifest.csv", out / "README.md"],
                        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, finish=True)
     return summary
 

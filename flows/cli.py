@@ -16,11 +16,18 @@ from memcontrol import offline
 offline.apply()  # before prefect/mlflow/transformers are imported
 
 def _logging() -> None:
+    """memcontrol's log (progress included, tasks/progress.py): rich on a terminal, plain
+    timestamped lines otherwise (a log file, CI, `dvc repro`), one line per record, never wrapped."""
     import logging
 
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    h = RichHandler(show_path=False, rich_tracebacks=False)
+    if Console(stderr=True).is_terminal:
+        h = RichHandler(show_path=False, rich_tracebacks=False)
+    else:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     lg = logging.getLogger("memcontrol")
     if not lg.handlers:
         lg.addHandler(h)
@@ -35,7 +42,7 @@ ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params.yaml to r
 RootOpt = typer.Option(None, "--root", help="working directory for outputs (default: params `workdir`)")
 
 
-def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
+def _run(name: str, params: str, root: str | None, module: str = "pipeline", **options):
     from memcontrol.config import ConfigError, load_params
 
     _logging()
@@ -50,7 +57,7 @@ def _run(name: str, params: str, root: str | None, module: str = "pipeline"):
 
     t0 = time.perf_counter()
     try:
-        out = getattr(flows_module, name)(params_path=params, root=root)
+        out = getattr(flows_module, name)(params_path=params, root=root, **options)
     except (ValueError, FileNotFoundError, KeyError) as e:
         typer.secho(f"{name}: {e}", fg="red", err=True)
         raise typer.Exit(1)
@@ -116,6 +123,14 @@ def transfer(params: str = ParamsOpt, root: str = RootOpt):
 def release(params: str = ParamsOpt, root: str = RootOpt):
     """Generate a synthetic dataset from models/final, excluding samples too close to training images."""
     _run("release", params, root, module="audit")
+
+
+@app.command()
+def export(out: str = typer.Argument(..., help="folder to write (new, empty, or an earlier export)"),
+           seed: int = typer.Option(None, "--seed", help="which models/final/seed<N> (default: the first of final.seeds)"),
+           params: str = ParamsOpt, root: str = RootOpt):
+    """Write the final model as a diffusers folder (adapter merged; LoRA also in diffusers' format) with a model card."""
+    _run("export", params, root, module="export", out=str(Path(out).resolve()), seed=seed)
 
 
 @app.command()

@@ -43,6 +43,10 @@ class Data(_Strict):
     # Memorization-inducing set (docs/paper.md §2.2): a ratio of train + the mem subset x n_repeats.
     data_size_ratio: float = Field(0.25, gt=0, le=1)
     n_repeats: int = Field(10, ge=1)
+    # Licence of the training data for the model and dataset cards (a Hugging Face licence id, or
+    # free text). None: the embedded default's (its most restrictive part, docs/data.md), or
+    # "unknown" for a CSV dataset.
+    license: str | None = None
 
     @model_validator(mode="after")
     def _csv_needs_section(self) -> "Data":

@@ -117,3 +117,77 @@ def test_export_refuses_a_folder_it_did_not_write(bases, tmp_path):
         ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae", RECORD_FILE])
     with pytest.raises(ExportError, match="no mask.json"):
         export_model(bases["tiny"], tmp_path / "nothing", tmp_path / "out2", card=None)
+
+
+def test_memcontrol_export_of_the_micro_run_loads_and_carries_its_model_card(micro_project):
+    """`memcontrol export models/export` after the README's DVC chain (a real micro fine-tune): the
+    folder draws what our sampler draws, and its card's numbers are those of the result files."""
+    import hashlib
+    import json
+
+    from huggingface_hub import ModelCard
+
+    project, _ = micro_project
+    out, adapter = project / "models/export", project / "models/final/seed0"
+    seeds = [item_seed(3, i, 0) for i in range(len(PROMPTS))]
+    diff = float((theirs(StableDiffusionPipeline.from_pretrained(out), seeds) - ours(project / "models/base", adapter, seeds))
+                 .abs().max())
+    print(f"export micro run (lora, trained): max |pixel difference| {diff:.2e}")
+    assert diff <= TOLERANCE
+
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    compare = json.loads((project / "reports/metrics.json").read_text())
+    th = json.loads((project / "data/reference/threshold.json").read_text())
+    own = json.loads((adapter / "metrics.json").read_text())["metrics"]
+    enabled = [b for b, bit in zip(*(json.loads((adapter / "mask.json").read_text())[k] for k in ("blocks", "bits"))) if bit]
+    assert meta["library_name"] == "diffusers" and meta["base_model"] == "models/base"
+    assert meta["license"] == "cc-by-nc-nd-4.0" and "memcontrol" in meta["tags"] and meta["pipeline_tag"] == "text-to-image"
+    m = meta["memcontrol"]
+    assert m["method"] == "lora" and m["enabled_blocks"] == enabled and enabled
+    assert m["trainable_pct"] == own["trainable_pct"] and m["flagged_rate_this_seed"] == own["mem.flagged_rate"]
+    assert m["flagged_rate"] == compare["selected"]["mem.flagged_rate"]
+    assert m["false_positive_floor"] == compare["held-out"]["mem.flagged_rate"]
+    assert m["kid"] == compare["selected"]["quality.kid_mean"] and m["fid"] == compare["selected"]["quality.fid"]
+    assert m["threshold"] == th["threshold"] and m["embedder"] == th["embedder"] and m["seeds"] == [0]
+    assert m["manifest_sha256"] == hashlib.sha256((project / "data/processed/manifest.parquet").read_bytes()).hexdigest()
+    for block in enabled:
+        assert f"`{block}`" in card.text
+    memorizes = max(m["flagged_rate"], m["flagged_rate_this_seed"]) > m["false_positive_floor"]
+    assert ("this model memorizes" in card.text) == memorizes
+    assert "Intended use" in card.text and "pytorch_lora_weights.safetensors" in card.text
+
+
+def test_release_writes_a_dataset_card_from_its_summary(micro_project):
+    import json
+
+    from huggingface_hub import DatasetCard
+
+    project, _ = micro_project
+    card = DatasetCard.load(project / "release/README.md")
+    summary = json.loads((project / "release/summary.json").read_text())
+    th = json.loads((project / "data/reference/threshold.json").read_text())
+    m = card.data.to_dict()["memcontrol"]
+    for key in ("n_generated", "n_released", "n_excluded", "n_excluded_embedding", "threshold", "embedder"):
+        assert m[key] == summary[key], key
+    assert m["false_positive_floor"] == th["heldout_flagged_rate"] and card.data.license == "cc-by-nc-nd-4.0"
+    assert ("**Warning:**" in card.text) == (m["flagged_rate"] > m["false_positive_floor"])
+    assert f"{summary['n_released']} of {summary['n_generated']} images" in card.text
+
+
+def test_export_stops_with_one_clear_error_when_a_result_is_missing(micro_project, tmp_path):
+    import shutil
+    import subprocess
+
+    from micro_project import newcomer_env
+
+    project, _ = micro_project
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True, ignore=shutil.ignore_patterns(".git", "cache", "mlruns", "dvc_plots",
+                                                                                "export", "release", "audit"))
+    (copy / "reports/metrics.json").unlink()
+    r = subprocess.run(["bash", "-c", "source scripts/env.sh\nmemcontrol export models/export"], cwd=copy,
+                       env=newcomer_env(copy), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "reports/metrics.json: missing; `memcontrol compare` writes it" in r.stderr
+    assert not (copy / "models/export").exists() and not list((copy / "models").glob(".export*"))
