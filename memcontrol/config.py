@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -104,6 +104,13 @@ class Train(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     device: str = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        # an unquoted `no` is the boolean false in YAML 1.1 (PyYAML); DVC (YAML 1.2) writes it
+        # unquoted when `dvc exp run -S` rewrites params.yaml
+        return "no" if value is False else value
 
 
 class Sample(_Strict):
