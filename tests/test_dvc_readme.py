@@ -45,9 +45,8 @@ def test_dvc_exp_show_lists_changed_params_and_the_selected_objectives(micro_pro
     project, out = micro_project
     shown = json.loads(shell("source scripts/env.sh\ndvc exp show --json 2>/dev/null", project))
     exps = [e for row in shown for e in (row.get("experiments") or [])]
-    assert exps, shown
-    runs = [r for e in exps for r in e["revs"]]
-    data = runs[0]["data"]
+    assert len(exps) == 1, shown
+    data = exps[0]["revs"][0]["data"]  # the experiment's commit, not only the workspace
     assert data["params"]["params.yaml"]["data"]["search"]["sampler"] == "random"
     assert data["params"]["params.yaml"]["data"]["search"]["n_trials"] == 4
     selected = data["metrics"]["masks/selected_info.json"]["data"]
@@ -64,9 +63,9 @@ def test_dvc_plots_diff_draws_the_pareto_front(micro_project):
     html = (project / "dvc_plots" / "index.html").read_text()
     assert "datum.pareto" in html  # the front, drawn as a line (.dvc/plots/pareto.json)
     assert "mem_mean_sim" in html and "kid" in html
-    spec = json.loads(shell("source scripts/env.sh\ndvc plots diff --json 2>/dev/null", project))
-    (plot,) = [p for name, p in spec.items() if name.endswith("trials.csv")]
-    values = plot[0]["content"]["data"]["values"]
+    spec = json.loads(shell("source scripts/env.sh\ndvc plots diff --json 2>/dev/null", project))["data"]
+    plot = spec["search/trials.csv"]
+    values = [v for v in plot[0]["content"]["data"]["values"] if v.get("rev", "workspace") == "workspace"]
     assert len(values) == 4 and {str(v["pareto"]) for v in values} & {"True", "true"}
     assert [layer["mark"]["type"] for layer in plot[0]["content"]["layer"]] == ["point", "line"]
 
@@ -85,6 +84,7 @@ def test_own_dataset_versioned_with_dvc_add(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((project / "dvc.yaml").read_text())
     stages["stages"]["prepare"]["deps"] += ["datasets/mine/images", "datasets/mine/reports.csv"]
+    stages["stages"]["prepare"]["outs"].remove("data/demo")
     (project / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     shell("source scripts/env.sh\ndvc repro prepare", project)
     assert len(pd.read_parquet(project / "data/processed/manifest.parquet")) == 17

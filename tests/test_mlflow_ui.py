@@ -118,7 +118,11 @@ def test_compare_page_shows_two_masks_and_their_objectives(mlflow_ui, browser, t
     text = browser.text()
     for name in ("trial-000", "trial-001", bits[0], bits[1], "objective.mem_mean_sim", "objective.kid", "lr"):
         assert name in text, name
+    browser.eval("document.querySelectorAll('button[aria-label=\"Close\"]').forEach(b => b.click())")  # the assistant panel
+    browser.resize(1400, 2000)  # parameters and metrics below the plot
+    time.sleep(1)
     shot = browser.screenshot(tmp_path / "compare.png")
+    browser.resize(1600, 1000)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     if os.environ.get("MEMCONTROL_UPDATE_SCREENSHOT"):  # refresh the README's picture on purpose only
         shutil.copy(shot, SCREENSHOT)
