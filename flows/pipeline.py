@@ -20,6 +20,7 @@ from memcontrol.selection import pareto_and_select
 from memcontrol.workdir import Layout, write_json
 from tasks import stages as T
 from tasks import tracking
+from tasks.progress import report_search
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ def reference(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 @task(cache_policy=NO_CACHE)
 def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict, trial_dir: str) -> str:
-    """One MLflow child run per trial (and per calibration arm)."""
+    """One MLflow child run per trial (and per calibration arm); then the search's progress line
+    (tasks/progress.py)."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
-    return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
-                              record=record, artifacts=[Path(trial_dir) / "grid.png"],
-                              extra_params={"trial": name})
+    run_id = tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
+                                record=record, artifacts=[Path(trial_dir) / "grid.png"],
+                                extra_params={"trial": name})
+    report_search(_open_study(params, Layout(Path(root))), params.search.n_trials, params.search.objectives)
+    return run_id
 
 
 def _open_study(params: Params, layout: Layout):
@@ -76,7 +80,7 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     S.recover_interrupted(study)
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
     parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="study",
-                                 name=params.search.study_name,
+                                 name=study.study_name,
                                  params={"method": params.tuning.method, "mode": params.tuning.mode,
                                          "sampler": params.search.sampler, "seed": params.search.seed,
                                          "n_trials": params.search.n_trials,

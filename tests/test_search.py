@@ -83,10 +83,16 @@ def test_nan_is_failed_with_reason(tmp_path):
     assert ft.state == TrialState.FAIL and ft.user_attrs["fail_reason"] == "nan objective"
 
 
-def test_resume_with_other_sampler_is_refused(tmp_path):
-    _study(tmp_path, "nsga2")
-    with pytest.raises(ValueError, match="sampler"):
-        _study(tmp_path, "tpe")
+def test_other_sampler_settings_get_their_own_study(tmp_path):
+    """A `dvc exp run -S search.sampler=...` searches anew in a sibling study of the same file; the
+    original study, with its sampler, stays resumable."""
+    first = _study(tmp_path, "nsga2")
+    first.tell(first.ask(S.search_space(len(BLOCKS), LRS)), [0.5, 0.5])
+    other = _study(tmp_path, "tpe")
+    assert other.study_name == "s.tpe-seed0-pop4" and other.user_attrs["sampler"] == "tpe" and not other.trials
+    assert _study(tmp_path, "tpe").study_name == "s.tpe-seed0-pop4"  # and resumes there
+    again = _study(tmp_path, "nsga2")
+    assert again.study_name == "s" and again.user_attrs["sampler"] == "nsga2" and len(again.trials) == 1
 
 
 def test_no_configuration_is_scored_twice(tmp_path):
