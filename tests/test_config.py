@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_project_params_are_valid():
     p = load_params(ROOT / "params.yaml")
     assert p.search.n_trials >= 12
-    assert p.data.demo.n_train >= 400 and p.data.demo.n_test >= 150
+    assert p.data.demo.n_train >= 400 and p.data.demo.n_test >= 80
+    assert p.data.demo.n_val + p.data.demo.n_test >= 2 * 40  # the floor needs >= 40 held-out images per check
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):
