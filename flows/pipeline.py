@@ -51,14 +51,11 @@ def reference(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 @task(cache_policy=NO_CACHE)
 def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict, trial_dir: str) -> str:
-    """One MLflow child run per trial (and per calibration arm); then the search's progress line
-    (tasks/progress.py)."""
+    """One MLflow child run per trial (and per calibration arm)."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
-    run_id = tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
-                                record=record, artifacts=[Path(trial_dir) / "grid.png"],
-                                extra_params={"trial": name})
-    report_search(_open_study(params, Layout(Path(root))), params.search.n_trials, params.search.objectives)
-    return run_id
+    return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
+                              record=record, artifacts=[Path(trial_dir) / "grid.png"],
+                              extra_params={"trial": name})
 
 
 def _open_study(params: Params, layout: Layout):
@@ -117,7 +114,9 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
 
     S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
                make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
-               max_failures=params.search.max_failures)
+               max_failures=params.search.max_failures,
+               # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
+               on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
     sel = pareto_and_select(params, layout, study)
     tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
                        [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",

@@ -191,6 +191,7 @@ def optimize(
     evaluate: Callable[[list[tuple[optuna.Trial, Mask]]], list[Outcome]],
     seed: int,
     max_failures: int = 3,
+    on_told: Callable[[], None] | None = None,
 ) -> None:
     """The ask/tell loop until `n_trials` distinct configurations are scored.
 
@@ -199,7 +200,8 @@ def optimize(
     to `evaluate` together (which may run them in parallel) and are told their values, or FAIL with
     the reason. `record` of each outcome is kept on the trial (user attr) for the trials table.
     After `max_failures` failed evaluations in a row the search stops with SearchError naming the
-    first one's cause (a missing file fails every trial alike; asking again would loop forever)."""
+    first one's cause (a missing file fails every trial alike; asking again would loop forever).
+    `on_told` is called after each batch is told (e.g. to report progress)."""
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
@@ -238,6 +240,8 @@ def optimize(
                 answer_duplicate(study, trial, scored[digest])
             else:  # its twin failed: so does it
                 tell(study, trial, None, reason="the same configuration failed in this batch")
+        if on_told is not None:
+            on_told()
         if len(failures) >= max_failures:  # checked once the whole batch is told: no trial left RUNNING
             number, reason = failures[0]
             raise SearchError(f"{len(failures)} trials failed in a row (search.max_failures={max_failures}); "

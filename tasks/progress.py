@@ -78,14 +78,20 @@ def bars(prefix: str = ""):
 def report_search(study, n_trials: int, objectives: tuple[str, ...]) -> str:
     """Log (and return) "search: trial k of n", the study's Pareto front so far (Optuna's
     best_trials) and the ETA of the remaining trials from the mean measured trial time."""
-    from optuna.trial import TrialState
+    from memcontrol.search import completed
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done
-               if t.datetime_start and t.datetime_complete]
+    done = completed(study)  # scored configurations: what search.n_trials counts (not answered repeats)
+    # a batch is trained one after another and told together: a trial's time runs from its start or
+    # the previous completion, whichever is later, so a batch's trials sum to the batch's wall time
+    seconds, previous = [], None
+    for t in sorted((t for t in done if t.datetime_start and t.datetime_complete), key=lambda t: t.datetime_complete):
+        start = t.datetime_start if previous is None else max(t.datetime_start, previous)
+        seconds.append((t.datetime_complete - start).total_seconds())
+        previous = t.datetime_complete
     per_trial = mean(seconds) if seconds else None
     left = max(n_trials - len(done), 0)
-    front = sorted(study.best_trials, key=lambda t: t.number) if done else []
+    front = sorted((t for t in study.best_trials if "duplicate_of" not in t.user_attrs),
+                   key=lambda t: t.number) if done else []
     shown = "; ".join(f"#{t.number} " + ", ".join(f"{o} {v:.4g}" for o, v in zip(objectives, t.values))
                       for t in front[:6]) + ("; ..." if len(front) > 6 else "")
     line = (f"search: trial {len(done)} of {n_trials}; Pareto front ({len(front)}): {shown or '-'}; "

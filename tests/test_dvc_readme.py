@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 import yaml
 
+from memcontrol.search import completed
 from micro_project import clone, readme_block, shell, user_dataset
 
 
@@ -34,10 +35,10 @@ def test_dvc_experiment_searches_anew_with_the_random_sampler(micro_project):
     assert set(studies) == {"memcontrol", "memcontrol.random-seed0-pop2"}
     random = optuna.load_study(study_name="memcontrol.random-seed0-pop2", storage=url)
     assert random.user_attrs["sampler"] == "random"
-    assert len(random.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    assert len(completed(random)) == 4  # scored configurations (a repeated proposal is answered, not counted)
     original = optuna.load_study(study_name="memcontrol", storage=url)
     assert original.user_attrs["sampler"] == "nsga2"
-    assert len(original.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert len(completed(original)) == 3
     assert len(pd.read_csv(project / "search/trials.csv")) == 4  # the workspace holds the experiment's result
 
 

@@ -108,8 +108,11 @@ def test_no_configuration_is_scored_twice(tmp_path):
         return [S.Outcome([sum(m.bits), 2 - sum(m.bits)], {"bits": m.bits}) for _, m in proposals]
 
     make = lambda p: S.mask_of(p, BLOCKS[:2], method="lora", mode="full", granularity="transformer", options={})
-    S.optimize(st, space, n_trials=4, batch_size=3, make_mask=make, evaluate=evaluate, seed=0)
+    told = []  # scored configurations after each told batch (the search's progress line reports them)
+    S.optimize(st, space, n_trials=4, batch_size=3, make_mask=make, evaluate=evaluate, seed=0,
+               on_told=lambda: told.append(S.n_finished(st)))
     assert len(trained) == len(set(trained)) == 4 == S.n_finished(st)
+    assert told == sorted(told) and told[-1] == 4
     done = st.get_trials(states=(TrialState.COMPLETE,))
     repeats = [t for t in done if "duplicate_of" in t.user_attrs]
     for t in repeats:
