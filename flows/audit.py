@@ -19,7 +19,7 @@ from memcontrol.workdir import Layout
 from tasks import tracking
 from tasks.progress import bars
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("memcontrol.audit")
 
 
 def _setup(params_path: str, root: str | None) -> tuple[Params, Path]:
@@ -48,6 +48,10 @@ def _logger(params: Params, root: Path, kind: str, run_params: dict):
 def audit_task(params: Params, root: str) -> dict:
     """All arms x seeds (finished ones reused), then the report."""
     layout = Layout(Path(root))
+    n = len(params.audit.arms) * len(params.audit.seeds)
+    log.warning("audit: %d arms x %d seeds = %d fine-tunes, each evaluated and attacked: the longest stage "
+                "(README, DVC: times per target); finished arm-seeds are reused", len(params.audit.arms),
+                len(params.audit.seeds), n)
     uri, parent, on_record = _logger(params, layout.root, "audit", {
         "arms": ",".join(params.audit.arms), "seeds": list(params.audit.seeds),
         "steps": params.audit.steps or params.final.steps, "method_lr": params.audit.method_lr,
@@ -100,7 +104,7 @@ def release_task(params: Params, root: str) -> dict:
                                  params={"seed": release.seed, "n_prompts": release.n_prompts,
                                          "per_prompt": release.per_prompt, "pixel_guard": release.pixel_guard})
     out = layout.root / "release"
-    tracking.log_files(uri, params.tracking.experiment, layout.root, parent, [out / "summary.json", out / "manifest.csv"],
+    tracking.log_files(uri, params.tracking.experiment, layout.root, parent, [out / "summary.json", out / "manifest.csv", out / "README.md"],
                        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, finish=True)
     return summary
 

@@ -16,11 +16,18 @@ from memcontrol import offline
 offline.apply()  # before prefect/mlflow/transformers are imported
 
 def _logging() -> None:
+    """memcontrol's log (progress included, tasks/progress.py): rich on a terminal, plain
+    timestamped lines otherwise (a log file, CI, `dvc repro`), one line per record, never wrapped."""
     import logging
 
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    h = RichHandler(show_path=False, rich_tracebacks=False)
+    if Console(stderr=True).is_terminal:
+        h = RichHandler(show_path=False, rich_tracebacks=False)
+    else:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     lg = logging.getLogger("memcontrol")
     if not lg.handlers:
         lg.addHandler(h)
@@ -118,6 +125,14 @@ def transfer(params: str = ParamsOpt, root: str = RootOpt):
 def release(params: str = ParamsOpt, root: str = RootOpt):
     """Generate a synthetic dataset from models/final, excluding samples too close to training images."""
     _run("release", params, root, module="audit")
+
+
+@app.command()
+def export(out: str = typer.Argument(..., help="folder to write (new, empty, or an earlier export)"),
+           seed: int = typer.Option(None, "--seed", help="which models/final/seed<N> (default: the first of final.seeds)"),
+           params: str = ParamsOpt, root: str = RootOpt):
+    """Write the final model as a diffusers folder (adapter merged; LoRA also in diffusers' format) with a model card."""
+    _run("export", params, root, module="export", out=str(Path(out).resolve()), seed=seed)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from memcontrol.selection import pareto_and_select
 from memcontrol.workdir import Layout, write_json
 from tasks import stages as T
 from tasks import tracking
+from tasks.progress import report_search
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     S.recover_interrupted(study)
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
     parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="study",
-                                 name=params.search.study_name,
+                                 name=study.study_name,
                                  params={"method": params.tuning.method, "mode": params.tuning.mode,
                                          "sampler": params.search.sampler, "seed": params.search.seed,
                                          "n_trials": params.search.n_trials,
@@ -113,7 +114,9 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
 
     S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
                make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
-               max_failures=params.search.max_failures)
+               max_failures=params.search.max_failures,
+               # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
+               on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
     sel = pareto_and_select(params, layout, study)
     tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
                        [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -48,6 +48,10 @@ class Data(_Strict):
     # Memorization-inducing set (docs/paper.md §2.2): a ratio of train + the mem subset x n_repeats.
     data_size_ratio: float = Field(0.25, gt=0, le=1)
     n_repeats: int = Field(10, ge=1)
+    # Licence of the training data for the model and dataset cards (a Hugging Face licence id, or
+    # free text). None: the embedded default's (its most restrictive part, docs/data.md), or
+    # "unknown" for a CSV dataset.
+    license: str | None = None
 
     @model_validator(mode="after")
     def _csv_needs_section(self) -> "Data":
@@ -105,6 +109,13 @@ class Train(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     device: str = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        # an unquoted `no` is the boolean false in YAML 1.1 (PyYAML); DVC (YAML 1.2) writes it
+        # unquoted when `dvc exp run -S` rewrites params.yaml
+        return "no" if value is False else value
 
 
 class Sample(_Strict):

@@ -24,6 +24,7 @@ import torch
 from memcontrol import tuning
 from memcontrol.audit.attack import tile_threshold as calibrated_tile_threshold
 from memcontrol.base_model import load_base
+from memcontrol.cards import dataset_card
 from memcontrol.config import Params
 from memcontrol.data.images import save_png
 from memcontrol.evaluate import EvalContext
@@ -31,7 +32,7 @@ from memcontrol.extraction import tile_distance
 from memcontrol.reference_index import ReferenceIndex
 from memcontrol.sample import generate, item_seed
 from memcontrol.train import resolve_device
-from memcontrol.workdir import Layout, rows_of, write_json
+from memcontrol.workdir import Layout, rows_of, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def build_release(params: Params, layout: Layout, out_dir: Path | None = None, *
                   tile_threshold: float | None = None) -> dict:
     """Generate, screen and write the release under `out_dir` (default <workdir>/release):
     images/<sample_id>.png for released samples only, manifest.csv + manifest.parquet for all
-    samples, summary.json with the counts. Returns the summary."""
+    samples, summary.json with the counts, README.md the dataset card (memcontrol/cards.py). Returns the summary."""
     r = params.release
     out_dir = out_dir or layout.root / "release"
     adapter = layout.final / f"seed{r.seed}"
@@ -169,6 +170,7 @@ def build_release(params: Params, layout: Layout, out_dir: Path | None = None, *
         "per_prompt": r.per_prompt,
     }
     write_json(summary, out_dir / "summary.json")
+    write_text(dataset_card(params, layout, out_dir), out_dir / "README.md")  # the dataset card, from summary.json
     log.info("release: %d generated, %d released, %d excluded", summary["n_generated"], summary["n_released"],
              summary["n_excluded"])
     return summary

@@ -43,27 +43,30 @@ def open_study(
     storage: Path, name: str, *, sampler: str, seed: int, population_size: int, directions: list[str]
 ) -> optuna.Study:
     """Create or resume the study in an SQLite file. The storage does not keep the sampler's state,
-    so the sampler's name and seed are recorded as user attrs and a resume with others is refused."""
+    so the sampler's name and seed are recorded as user attrs. If study `name` was made with other
+    sampler settings, these settings get their own study `name.<sampler>-seed<seed>-pop<size>` in the
+    same file (so `dvc exp run -S search.sampler=random` searches anew and the original study stays
+    resumable); `study.study_name` says which one was opened."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler `{sampler}`; known: {sorted(SAMPLERS)}")
     storage.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage.resolve()}"
+    attrs = {"sampler": sampler, "seed": seed, "population_size": population_size}
+    if name in {s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False)}:
+        old = optuna.load_study(study_name=name, storage=url).user_attrs
+        if any(old.get(k) not in (None, v) for k, v in attrs.items()):
+            log.info("study `%s` was made with other sampler settings; using its sibling for %s", name, attrs)
+            name = f"{name}.{sampler}-seed{seed}-pop{population_size}"
     study = optuna.create_study(
         study_name=name,
-        storage=f"sqlite:///{storage.resolve()}",
+        storage=url,
         directions=directions,
         sampler=SAMPLERS[sampler](seed, population_size),
         load_if_exists=True,
     )
-    attrs = {"sampler": sampler, "seed": seed, "population_size": population_size}
     for k, v in attrs.items():
-        old = study.user_attrs.get(k)
-        if old is None:
+        if study.user_attrs.get(k) is None:
             study.set_user_attr(k, v)
-        elif old != v:
-            raise ValueError(
-                f"{storage}: study `{name}` was created with {k}={old!r}, params now say {v!r}; "
-                "use another search.study_name or delete the study file"
-            )
     return study
 
 
@@ -188,6 +191,7 @@ def optimize(
     evaluate: Callable[[list[tuple[optuna.Trial, Mask]]], list[Outcome]],
     seed: int,
     max_failures: int = 3,
+    on_told: Callable[[], None] | None = None,
 ) -> None:
     """The ask/tell loop until `n_trials` distinct configurations are scored.
 
@@ -196,7 +200,8 @@ def optimize(
     to `evaluate` together (which may run them in parallel) and are told their values, or FAIL with
     the reason. `record` of each outcome is kept on the trial (user attr) for the trials table.
     After `max_failures` failed evaluations in a row the search stops with SearchError naming the
-    first one's cause (a missing file fails every trial alike; asking again would loop forever)."""
+    first one's cause (a missing file fails every trial alike; asking again would loop forever).
+    `on_told` is called after each batch is told (e.g. to report progress)."""
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
@@ -235,6 +240,8 @@ def optimize(
                 answer_duplicate(study, trial, scored[digest])
             else:  # its twin failed: so does it
                 tell(study, trial, None, reason="the same configuration failed in this batch")
+        if on_told is not None:
+            on_told()
         if len(failures) >= max_failures:  # checked once the whole batch is told: no trial left RUNNING
             number, reason = failures[0]
             raise SearchError(f"{len(failures)} trials failed in a row (search.max_failures={max_failures}); "

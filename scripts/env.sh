@@ -1,4 +1,8 @@
-# Offline, quiet settings for every entry point (the list of memcontrol/offline.py). Sourced by the scripts.
+# Offline, quiet settings for every entry point (the list of memcontrol/offline.py), and the project's
+# .venv/bin first on PATH, so `memcontrol`, `dvc`, `mlflow` and dvc.yaml's stage commands are found.
+# Sourced by the scripts; `source scripts/env.sh` from the repository root in a shell of your own.
+_memcontrol_root="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"
+case ":$PATH:" in *":$_memcontrol_root/.venv/bin:"*) ;; *) export PATH="$_memcontrol_root/.venv/bin:$PATH" ;; esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 unset PREFECT_API_URL 2>/dev/null || true   # local ephemeral Prefect API unless you export one after sourcing
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"

@@ -29,7 +29,7 @@ def prepare(params: Params, root: str) -> str:
 @task(cache_policy=NO_CACHE)
 def base(params: Params, root: str, force_pretrain: bool = False) -> str:
     """The tiny base model (committed copy or pretrained), or check and point at the user's folder."""
-    with bars() as progress:
+    with bars() as progress:  # labels "base: VAE", "base: UNet"
         return str(base_model.base(params, Layout(Path(root)), progress, force_pretrain=force_pretrain))
 
 
@@ -47,7 +47,7 @@ def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str
     trial = arm == "trial"
     ctx = EvalContext(params, layout, split="val" if trial else "test")
     rows = arms.search_rows(params, ctx) if trial else arms.final_rows(params, ctx)
-    with bars() as progress:
+    with bars(f"{arm} {Path(out_dir).name}: ") as progress:
         return arms.run_arm(params, layout, ctx, Mask.from_json(mask_json), Path(out_dir), rows=rows, steps=steps,
                             seed=seed, progress=progress, batch_size=None if trial else params.final.batch_size)
 
@@ -56,5 +56,5 @@ def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str
 def evaluate_base(params: Params, root: str) -> dict:
     """The base model's own metrics (no fine-tuning): the memorization floor of the model."""
     layout = Layout(Path(root))
-    with bars() as progress:
+    with bars("base model: ") as progress:
         return arms.evaluate_base(params, layout, EvalContext(params, layout), progress)

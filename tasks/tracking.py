@@ -1,14 +1,27 @@
 """The one module that talks to MLflow: a parent run per study (or audit), a child run per trial
-(or arm and seed), logging the mask as bits and block names, every metric and the sample grid."""
+(or arm and seed), logging the mask as bits and block names, every metric and objective, and the
+grids as MLflow images; every run carries its stage (search / final / audit) as the tag `stage`.
+CSV files logged with a run are also MLflow tables, PNGs also MLflow images, so the UI shows them
+(the trials table and Pareto plot on the study's run, the comparison table on `compare`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from memcontrol.config import OBJECTIVES
+
+# parent run kind -> the stage a person filters on
+STAGES = {"study": "search", "compare": "final", "final": "final", "audit": "audit", "transfer": "audit",
+          "release": "audit"}
+IMAGE_KEYS = {"grid": "samples_over_nearest", "nearest": "nearest_neighbours", "pareto": "pareto_front"}
 
 
 def _client(uri: str, experiment: str, root: Path) -> tuple[MlflowClient, str]:
@@ -16,8 +29,10 @@ def _client(uri: str, experiment: str, root: Path) -> tuple[MlflowClient, str]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        # explicit artifact location: otherwise it is resolved from whatever the CWD is at creation
-        exp_id = client.create_experiment(experiment, artifact_location=(root / "mlruns").resolve().as_uri())
+        # explicit artifact location: otherwise it is resolved from whatever the CWD is at creation;
+        # the kind tag makes the MLflow UI open the experiment as model training (runs), not GenAI
+        exp_id = client.create_experiment(experiment, artifact_location=(root / "mlruns").resolve().as_uri(),
+                                          tags={"mlflow.experimentKind": "custom_model_development"})
     else:
         exp_id = exp.experiment_id
     return client, exp_id
@@ -38,7 +53,8 @@ def parent_run(uri: str, experiment: str, root: Path, *, kind: str, name: str, p
                                max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"{kind}:{name}", tags={"memcontrol_kind": kind, "memcontrol_name": name})
+    run = client.create_run(exp_id, run_name=f"{kind}:{name}", tags={"memcontrol_kind": kind, "memcontrol_name": name,
+                                                                   "stage": STAGES.get(kind, kind)})
     for k, v in params.items():
         client.log_param(run.info.run_id, k, str(v)[:6000])
     client.set_terminated(run.info.run_id, "RUNNING")
@@ -49,11 +65,16 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
               artifacts: list[Path] = (), extra_params: dict | None = None) -> str:
     """One child run: mask bits and enabled block names as params, every metric, artifacts."""
     client, exp_id = _client(uri, experiment, root)
-    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'",
-                               max_results=1)
+    # the record's own key (code, params, inputs: memcontrol/reuse.py) tells a rerun of the same
+    # result, already logged, from a new result under the same name (e.g. a DVC experiment)
+    digest = hashlib.sha256(json.dumps(record.get("key", record), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}' "
+                                         f"and tags.memcontrol_record = '{digest}'", max_results=1)
     if found:  # already logged by an earlier (interrupted) run of the flow
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "memcontrol_child": name})
+    kind = client.get_run(parent_id).data.tags.get("memcontrol_kind", "")
+    run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "memcontrol_child": name,
+                                                         "memcontrol_record": digest, "stage": STAGES.get(kind, kind)})
     rid = run.info.run_id
     mask = record["mask"]
     params = {
@@ -66,28 +87,55 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
         params[f"bit.{b}"] = x
     for k, v in params.items():
         client.log_param(rid, k, str(v)[:6000])
-    for k, v in record["metrics"].items():
+    metrics = record["metrics"]
+    for k, v in metrics.items():
         if isinstance(v, (int, float)) and v == v:
             client.log_metric(rid, k, float(v))
+    for objective, (key, _direction) in OBJECTIVES.items():  # under the names search.objectives uses
+        if isinstance(metrics.get(key), (int, float)) and metrics[key] == metrics[key]:
+            client.log_metric(rid, f"objective.{objective}", float(metrics[key]))
     client.log_text(rid, json.dumps(mask, indent=2, sort_keys=True), "mask.json")
-    for a in artifacts:
-        if Path(a).exists():
-            client.log_artifact(rid, str(a))
+    _log(client, rid, artifacts)
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def _log(client: MlflowClient, run_id: str, files) -> None:
+    """Each existing file as an artifact; a PNG also as an MLflow image, a CSV also as a table."""
+    for f in map(Path, files):
+        if not f.exists():
+            continue
+        client.log_artifact(run_id, str(f))
+        if f.suffix == ".png":
+            with Image.open(f) as image:
+                client.log_image(run_id, image.convert("RGB"), key=IMAGE_KEYS.get(f.stem, f.stem), step=0)
+        elif f.suffix == ".csv":
+            client.log_table(run_id, pd.read_csv(f), artifact_file=f"tables/{f.stem}.json")
 
 
 def log_files(uri: str, experiment: str, root: Path, run_id: str, files: list[Path], metrics: dict | None = None,
               finish: bool = False) -> None:
     client, _ = _client(uri, experiment, root)
-    for f in files:
-        if Path(f).exists():
-            client.log_artifact(run_id, str(f))
+    _log(client, run_id, files)
     for k, v in (metrics or {}).items():
         if isinstance(v, (int, float)) and v == v:
             client.log_metric(run_id, k, float(v))
     if finish:
         client.set_terminated(run_id, "FINISHED")
+
+
+def log_final_model(uri: str, experiment: str, root: Path, *, name: str, folder: Path, record: dict) -> str:
+    """The exported final model as the artifact folder `model/` (diffusers folder + model card) of a
+    `final` run, with its mask and metrics; a re-export replaces the run's artifacts."""
+    parent = parent_run(uri, experiment, root, kind="final", name=name,
+                        params={"folder": str(folder), "method": record["mask"]["method"]})
+    client, _ = _client(uri, experiment, root)
+    for k, v in record["metrics"].items():
+        if isinstance(v, (int, float)) and v == v:
+            client.log_metric(parent, k, float(v))
+    client.log_artifacts(parent, str(folder), artifact_path="model")
+    client.set_terminated(parent, "FINISHED")
+    return parent
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -83,10 +83,16 @@ def test_nan_is_failed_with_reason(tmp_path):
     assert ft.state == TrialState.FAIL and ft.user_attrs["fail_reason"] == "nan objective"
 
 
-def test_resume_with_other_sampler_is_refused(tmp_path):
-    _study(tmp_path, "nsga2")
-    with pytest.raises(ValueError, match="sampler"):
-        _study(tmp_path, "tpe")
+def test_other_sampler_settings_get_their_own_study(tmp_path):
+    """A `dvc exp run -S search.sampler=...` searches anew in a sibling study of the same file; the
+    original study, with its sampler, stays resumable."""
+    first = _study(tmp_path, "nsga2")
+    first.tell(first.ask(S.search_space(len(BLOCKS), LRS)), [0.5, 0.5])
+    other = _study(tmp_path, "tpe")
+    assert other.study_name == "s.tpe-seed0-pop4" and other.user_attrs["sampler"] == "tpe" and not other.trials
+    assert _study(tmp_path, "tpe").study_name == "s.tpe-seed0-pop4"  # and resumes there
+    again = _study(tmp_path, "nsga2")
+    assert again.study_name == "s" and again.user_attrs["sampler"] == "nsga2" and len(again.trials) == 1
 
 
 def test_no_configuration_is_scored_twice(tmp_path):
@@ -102,8 +108,11 @@ def test_no_configuration_is_scored_twice(tmp_path):
         return [S.Outcome([sum(m.bits), 2 - sum(m.bits)], {"bits": m.bits}) for _, m in proposals]
 
     make = lambda p: S.mask_of(p, BLOCKS[:2], method="lora", mode="full", granularity="transformer", options={})
-    S.optimize(st, space, n_trials=4, batch_size=3, make_mask=make, evaluate=evaluate, seed=0)
+    told = []  # scored configurations after each told batch (the search's progress line reports them)
+    S.optimize(st, space, n_trials=4, batch_size=3, make_mask=make, evaluate=evaluate, seed=0,
+               on_told=lambda: told.append(S.n_finished(st)))
     assert len(trained) == len(set(trained)) == 4 == S.n_finished(st)
+    assert told == sorted(told) and told[-1] == 4
     done = st.get_trials(states=(TrialState.COMPLETE,))
     repeats = [t for t in done if "duplicate_of" in t.user_attrs]
     for t in repeats:

@@ -22,6 +22,7 @@ from memcontrol.tuning import (
     enumerate_blocks,
     load_adapter,
     mask_for_model,
+    merge,
     reference_layout,
     register,
     save_adapter,
@@ -195,6 +196,31 @@ def test_adapter_roundtrip(case, inputs, tmp_path):
     if mask.method == "difffit":  # the reference drops these on reload (docs/paper.md §6)
         gammas = [t for n, t in tensors.items() if n.endswith("difffit_gamma")]
         assert gammas and all(not torch.all(g == 1) for g in gammas)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_merge_gives_a_plain_unet_with_the_same_output(case, inputs):
+    """Each method's merge (LoRA: W + BA; SV-Diff: U diag(relu(S + delta)) V^T; DiffFit: gammas
+    folded into the Linear before them) loads strictly into a fresh base UNet and computes what the
+    adapted UNet computes. Random adapter values, far from the identity init, so every fold matters
+    (SV-Diff shifts below -S exercise the relu)."""
+    unet = make_unet()
+    mask = case_mask(case, unet)
+    apply(unet, mask)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in trainable_state_dict(unet, mask).values():
+            p.add_(torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
+        adapted = unet(*inputs).sample
+    state = merge(unet)
+    plain = make_unet(seed=1)
+    plain.load_state_dict(state, strict=True)  # only base names, every one of them
+    with torch.no_grad():
+        merged = plain(*inputs).sample
+    assert not torch.allclose(adapted, make_unet()(*inputs).sample, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(MaskError, match="no adapter to merge"):
+        merge(unet)
 
 
 def test_unknown_block_raises():

@@ -26,7 +26,7 @@ from memcontrol.audit.attack import attack_arm, tile_threshold
 from memcontrol.base_model import base_model_path, model_resolution
 from memcontrol.config import Params
 from memcontrol.evaluate import EvalContext
-from memcontrol.progress import Progress
+from memcontrol.progress import Progress, ticker
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout
 
@@ -146,12 +146,19 @@ def run_arms(params: Params, layout: Layout, arm_names: tuple[str, ...], seeds: 
     thr = tile_threshold(params, ctx, out_root / "extraction_threshold.json", model_resolution(layout))
     text_side = TextSide(layout) if any("rwa" in a.mitigations for a in arms) else None
     records = []
+    total = len(seeds) * len(arms)
     for seed in seeds:
         for arm in arms:
             log.info("audit arm %s seed %d", arm.name, seed)
+            ticker(progress, "audit: arm-seeds")(len(records), total)
+
+            def labelled(label: str, done: int, n: int, name=f"{arm.name} seed{seed}: ") -> None:
+                progress(name + label, done, n)
+
             rec = run_audit_arm(params, layout, ctx, arm, seed, out_root, steps=steps, threshold=thr,
-                                text_side=text_side, progress=progress)
+                                text_side=text_side, progress=labelled if progress is not None else None)
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
+    ticker(progress, "audit: arm-seeds")(len(records), total)
     return records

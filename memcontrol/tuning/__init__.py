@@ -43,6 +43,7 @@ __all__ = [
     "get_method",
     "load_adapter",
     "mask_for_model",
+    "merge",
     "reference_layout",
     "register",
     "save_adapter",
@@ -193,6 +194,21 @@ def adapted_mask(unet: nn.Module) -> Mask | None:
     """The mask ``unet`` was adapted with by :func:`apply`, or None."""
     state = getattr(unet, _STATE, None)
     return None if state is None else state.mask
+
+
+def merge(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold the adapter of ``unet`` (adapted by :func:`apply` or :func:`load_adapter`) into its base
+    weights, in place, with the method's own rule (``Method.merge``), and return the state dict of
+    the plain UNet: the base UNet's parameter names, the adapted UNet's output. ``unet`` is no
+    longer adapted afterwards."""
+    state: _Adapted | None = getattr(unet, _STATE, None)
+    if state is None:
+        raise MaskError("this UNet has no adapter to merge: call apply(unet, mask) or load_adapter first")
+    method = get_method(state.mask.method)
+    if method.merge is not None:
+        method.merge(unet)
+    delattr(unet, _STATE)
+    return {name: tensor.detach() for name, tensor in unet.state_dict().items()}
 
 
 def trainable_state_dict(unet: nn.Module, mask: Mask) -> dict[str, torch.Tensor]:

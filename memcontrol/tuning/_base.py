@@ -38,6 +38,9 @@ class Method:
     ``reference_masked(candidate)`` says whether a 0-bit of the reference layout freezes the
     candidate when it lies under ``<block>.transformer_blocks.``; ``None`` means the reference never
     masks this method.
+    ``merge(unet)`` folds the injected adapters into the base weights in place, so the UNet computes
+    the same output with only its base parameters; ``None``: the method trains base parameters and
+    adds nothing to fold.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Method:
     inject: Callable[[nn.Module, Sequence[Candidate], Any], dict[str, list[str]]]
     group_lrs: Callable[[Any, float], dict[str, float]]
     reference_masked: Callable[[Candidate], bool] | None = None
+    merge: Callable[[nn.Module], None] | None = None
 
     def make_config(self, options: Mapping[str, Any]):
         """Build the method's config from mask options; unknown option names raise."""

@@ -89,6 +89,43 @@ def _inject(unet: nn.Module, chosen: Sequence[Candidate], cfg: NoOptions) -> dic
     return {"difffit": names}
 
 
+def _folded_linear(module: nn.Module) -> nn.Linear:
+    """The Linear whose output is ``module``'s output up to a per-channel-linear map, so a gamma on
+    ``module``'s output folds exactly into that Linear's rows: the module itself, an attention's
+    ``to_out[0]`` (then dropout and a division by ``rescale_output_factor``), or the last Linear
+    of a feed-forward (only dropouts after it)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(module, Attention):
+        if module.residual_connection:
+            raise RuntimeError("DiffFit: an attention with a residual connection cannot fold its gamma exactly")
+        return module.to_out[0]
+    net = list(getattr(module, "net", []))
+    last = max((i for i, m in enumerate(net) if isinstance(m, nn.Linear)), default=None)
+    if last is None or not all(isinstance(m, nn.Dropout) for m in net[last + 1:]):
+        raise RuntimeError(f"DiffFit: cannot fold a gamma on a {type(module).__name__} exactly")
+    return net[last]
+
+
+@torch.no_grad()
+def _merge(unet: nn.Module) -> None:
+    """y * gamma = (diag(gamma) W) x + gamma * b: scale the rows (and bias) of the Linear that
+    produces each scaled output, in fp32, then drop the gammas and their hooks."""
+    for module in list(unet.modules()):
+        gamma = module._parameters.get(GAMMA)
+        if gamma is None:
+            continue
+        linear = _folded_linear(module)
+        g = gamma.detach().float()
+        linear.weight.copy_((linear.weight.float() * g[:, None]).to(linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_((linear.bias.float() * g).to(linear.bias.dtype))
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _scale_output:
+                del module._forward_hooks[key]
+        del module._parameters[GAMMA]
+
+
 METHOD = Method(
     name="difffit",
     config_cls=NoOptions,
@@ -96,4 +133,5 @@ METHOD = Method(
     inject=_inject,
     group_lrs=single_group("difffit"),
     reference_masked=lambda c: c.kind == "gamma",
+    merge=_merge,
 )

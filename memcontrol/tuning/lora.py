@@ -73,10 +73,18 @@ def _inject(unet: nn.Module, chosen: Sequence[Candidate], cfg: LoraOptions) -> d
     return {"lora": names}
 
 
+def _merge(unet: nn.Module) -> None:
+    """W <- W + (alpha / r) B A in every LoRA layer (peft's merge via diffusers' fuse_lora), then the
+    peft wrappers are replaced by their merged base layers."""
+    unet.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    unet.unload_lora()
+
+
 METHOD = Method(
     name="lora",
     config_cls=LoraOptions,
     candidates=_candidates,
     inject=_inject,
     group_lrs=single_group("lora"),
+    merge=_merge,
 )

@@ -191,6 +191,19 @@ def extra_numel(unet: nn.Module, chosen: Sequence[Candidate] | None = None) -> d
     return tally
 
 
+@torch.no_grad()
+def _merge(unet: nn.Module) -> None:
+    """Replace each parametrized weight by the W_delta the layer computes (the same cached tensor the
+    forward uses, so the merged UNet's weights are bit-identical to the adapted one's) and drop the
+    parametrization with its factors."""
+    for module in list(unet.modules()):
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        merged = module.weight.detach().clone()
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        module.weight.copy_(merged)
+
+
 def _reference_masked(c: Candidate) -> bool:
     return True  # a 0-bit freezes every shift in the block's transformer_blocks (docs/paper.md §3.3)
 
@@ -202,4 +215,5 @@ METHOD = Method(
     inject=_inject,
     group_lrs=lambda cfg, lr: {"svdiff": lr, "svdiff_norm": cfg.norm_lr},
     reference_masked=_reference_masked,
+    merge=_merge,
 )
