@@ -184,7 +184,12 @@ def summary(params: str, root: str | None, wall: float | None = None):
     timings = layout.reports / "demo_timings.json"
     if timings.exists():
         st = json.loads(timings.read_text())
-        con.print("  stage wall times: " + ", ".join(f"{k} {st['seconds'][k]:.0f} s" for k in st["order"]))
+        setup = f"setup {st['setup_seconds']:.0f} s, " if "setup_seconds" in st else ""
+        con.print("  stage wall times: " + setup + ", ".join(f"{k} {st['seconds'][k]:.0f} s" for k in st["order"]))
+        if wall is not None:  # the whole `memcontrol demo` process, for benchmarks/default_run.py
+            from memcontrol.workdir import write_json
+
+            write_json({**st, "wall_seconds": round(wall, 1)}, timings)
     trials = layout.search / "trials.csv"
     if trials.exists():
         import pandas as pd
