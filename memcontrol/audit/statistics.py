@@ -78,13 +78,24 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str,
             return float("nan")
         return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
 
-    def dominates(arm, other):
-        """Better or tied on both objectives, better on one; a difference within the larger seed std is a tie."""
+    def diff_and_ties(arm, other):
         keys = (mem_key, q_key)
         diff = np.array([mean.loc[arm, k] - mean.loc[other, k] for k in keys])
         spread = np.array([max(np.nanstd(vals(arm, k)), np.nanstd(vals(other, k))) for k in keys])
-        tied = np.abs(diff) <= spread
-        return bool(((diff < 0) | tied).all() and (diff < 0).any() and not tied.all())
+        return diff, np.abs(diff) <= spread
+
+    def dominates(arm, other):
+        """Better or tied on both objectives, better beyond the seed spread on one (a difference within
+        the larger seed std is a tie)."""
+        diff, tie = diff_and_ties(arm, other)
+        return bool(((diff < 0) | tie).all() and ((diff < 0) & ~tie).any())
+
+    def tied(arm, other):
+        return bool(diff_and_ties(arm, other)[1].all())
+
+    def dominates_in_mean(arm, other):
+        diff = diff_and_ties(arm, other)[0]
+        return bool((diff <= 0).all() and (diff < 0).any())
 
     def verdict(diff, p_value):
         if not diff < 0:
@@ -117,6 +128,9 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str,
                 v = "holds (selected dominates)"
             elif dominates(a, "selected"):
                 v = "does not hold (dominated)"
+            elif tied("selected", a):
+                v = "tie within the seed spread (means: " + ("selected better on both)" if dominates_in_mean("selected", a)
+                                                            else "neither better on both)")
             else:
                 v = "trade-off (neither dominates)"
             out.append({"claim": "the searched mask beats each unmasked method on the trade-off",
