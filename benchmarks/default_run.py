@@ -64,8 +64,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for rel in COPY:
         src = args.workdir / rel
-        if src.exists():
-            shutil.copyfile(src, out / Path(rel).name)
+        if src.exists():  # release/summary.json -> release_summary.json (summary.json is ours)
+            name = "release_summary.json" if rel == "release/summary.json" else Path(rel).name
+            shutil.copyfile(src, out / name)
 
     compare = _json(args.workdir / "reports/metrics.json")
     audit = _json(args.workdir / "reports/audit_metrics.json")
