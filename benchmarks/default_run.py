@@ -10,7 +10,8 @@ benchmarks/results/default_run/ and check each criterion of the search-signal wo
    and it dominates (or ties within the seed std) full fine-tuning and >= 2 other unmasked methods;
 7. timings (demo stages).
 
-Usage: python benchmarks/default_run.py WORKDIR [--out benchmarks/results/default_run]
+Usage: python benchmarks/default_run.py WORKDIR [--timings FRESH/reports/demo_timings.json]
+       [--out benchmarks/results/default_run]
 Writes OUT/summary.json (the checks) and copies the run's reports next to it; prints a table.
 """
 
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, default=RESULTS / "default_run")
+    ap.add_argument("--timings", type=Path, default=None,
+                    help="demo_timings.json of a timed run (a fresh clone's `bash scripts/demo.sh` on an idle "
+                         "machine); default: the workdir's own")
     args = ap.parse_args()
     params = load_params(args.params)
     out = args.out
@@ -112,7 +116,9 @@ def main() -> None:
         check("5", "selected vs each unmasked arm on (flagged, KID): " +
               ", ".join(f"{a} {v}" for a, v in outcome.items()), len(wins),
               ">= 3 incl. full (the method unmasked)", "full" in wins and len(wins) >= 3)
-    demo = _json(args.workdir / "reports/demo_timings.json")
+    demo = _json(args.timings or args.workdir / "reports/demo_timings.json")
+    if args.timings:
+        shutil.copyfile(args.timings, out / "demo_timings.json")
     if demo:
         total = demo.get("wall_seconds", sum(demo["seconds"].values()))
         check("7", "memcontrol demo wall (min); stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo["seconds"].items()),

@@ -78,7 +78,7 @@ def user_dataset(folder: Path) -> tuple[Path, Path]:
     import pandas as pd
 
     from memcontrol.data import reports
-    from memcontrol.data.demo import real_images
+    from real_xrays import real_images
 
     (folder / "images").mkdir(parents=True)
     iu = reports.load_iu_reports()
