@@ -4,7 +4,6 @@ states of every distinct prompt, stored as safetensors, so no trial re-encodes a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from memcontrol import atomic
 from memcontrol.data.images import load_images
 from memcontrol.models.bundle import Bundle
 from memcontrol.train import TrainData
@@ -50,18 +50,14 @@ class Encoded:
         )
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {
-                "latent_mean": self.latent_mean.contiguous(),
-                "latent_std": self.latent_std.contiguous(),
-                "text": self.text.contiguous(),
-                "null_text": self.null_text.contiguous(),
-            },
-            str(tmp),
-            metadata={"ids": json.dumps(self.ids), "prompts": json.dumps(self.prompts)},
-        )
-        os.replace(tmp, path)
+        tensors = {
+            "latent_mean": self.latent_mean.contiguous(),
+            "latent_std": self.latent_std.contiguous(),
+            "text": self.text.contiguous(),
+            "null_text": self.null_text.contiguous(),
+        }
+        with atomic.atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "prompts": json.dumps(self.prompts)})
 
     @classmethod
     def load(cls, path: Path) -> "Encoded":

@@ -31,7 +31,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from memcontrol.data.errors import DataError
-from memcontrol.data.images import DICOM_SUFFIXES, check_readable, write_atomic
+from memcontrol import atomic
+from memcontrol.data.images import DICOM_SUFFIXES, check_readable
 
 LOG = logging.getLogger(__name__)
 
@@ -289,12 +290,12 @@ def split_by_group(groups: list[str], *, val_fraction: float, test_fraction: flo
 
 
 def save_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate and write the manifest as parquet, atomically (temporary file + os.replace)."""
+    """Validate and write the manifest as parquet, atomically (memcontrol.atomic)."""
     path = Path(path)
     df = validate_manifest(df, where=str(path))
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    write_atomic(buf.getvalue(), path)
+    atomic.write_bytes(path, buf.getvalue())
     return path
 
 

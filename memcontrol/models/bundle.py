@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer
+
+from memcontrol import atomic
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,17 @@ def load_bundle(path: Path | str, *, unet_path: Path | str | None = None) -> Bun
 
 
 def save_bundle(bundle: Bundle, path: Path | str) -> Path:
-    """Write a diffusers folder atomically (a temp dir renamed into place: a crash never leaves half a model)."""
+    """Write a diffusers folder atomically (memcontrol.atomic.atomic_dir: a temp folder renamed into
+    place, the old model moved aside and removed only after; a crash never leaves half a model)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic.atomic_dir(path) as tmp:
+        write_bundle(bundle, tmp)
+    return path
+
+
+def write_bundle(bundle: Bundle, tmp: Path) -> None:
+    """The diffusers folder's contents into the empty folder `tmp` (not atomic by itself: callers
+    fill an `atomic_dir`, export adds its card and LoRA file before the rename)."""
     bundle.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     bundle.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     bundle.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -187,7 +193,3 @@ def save_bundle(bundle: Bundle, path: Path | str) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
