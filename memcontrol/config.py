@@ -39,6 +39,7 @@ class CsvData(_Strict):
     n_mem: int = Field(16, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)   # scored by the search and the selection rule
     test_fraction: float = Field(0.2, gt=0, lt=1)  # Stage 2, the audit and every reported number
+    allow_outside_root: bool = False  # CSV paths may be absolute or leave image_root (../, symlinks)
 
 
 class Data(_Strict):

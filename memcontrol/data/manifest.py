@@ -30,9 +30,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from memcontrol.data.errors import DataError
 from memcontrol import atomic
+from memcontrol.data.errors import DataError
 from memcontrol.data.images import DICOM_SUFFIXES, check_readable
+from memcontrol.data.paths import image_file
 
 LOG = logging.getLogger(__name__)
 
@@ -134,11 +135,13 @@ def ingest_csv(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    allow_outside_root: bool = False,
 ) -> pd.DataFrame:
     """Validate an image folder + CSV (MIMIC-CXR style: one row per image with `path`, `text`) and
     return its manifest. Reads the CSV(s) and the images, writes nothing.
 
-    Paths in the CSV are relative to `image_root` (or absolute); the manifest stores them absolute.
+    Paths in the CSV are relative to `image_root` and must stay inside it (no absolute path, `..`
+    or symlink out of it) unless `allow_outside_root`; the manifest stores them absolute.
     Three splits: the search scores on "val", Stage 2 and every reported number on "test", which
     the search never sees. Without `split_column`, seeded random shares `val_fraction` and
     `test_fraction` become "val" and "test", the rest "train". With `group_column` (a patient id)
@@ -235,7 +238,7 @@ def ingest_csv(
     # images last: the slow part
     abs_paths, hashes = [], []
     for i, p in enumerate(rel):
-        f = Path(p) if Path(p).is_absolute() else image_root / p
+        f = image_file(p, image_root, row(i), allow_outside_root=allow_outside_root)
         if not f.is_file():
             raise DataError(f"{row(i)}: image {f} not found")
         try:
