@@ -8,9 +8,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from memcontrol.errors import UserError
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or inf in a setting would only surface as a NaN loss or an empty front much later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DemoData(_Strict):
@@ -326,7 +329,7 @@ class Params(_Strict):
     tracking: Tracking = Tracking()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml is missing, unparsable or invalid; the message names the file and the key."""
 
 
@@ -341,8 +344,10 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: invalid parameters"]
+        problems = []  # one line, each bad key with what is wrong and the value given
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+            value = err.get("input")
+            given = f" (got {value!r})" if isinstance(value, (str, int, float)) and err["type"] != "extra_forbidden" else ""
+            problems.append(f"{key}: {err['msg']}{given}")
+        raise ConfigError(f"{path}: invalid parameters: " + "; ".join(problems)) from None

@@ -23,6 +23,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from memcontrol import atomic, tuning
+from memcontrol.errors import UserError
 from memcontrol.models.bundle import load_bundle, write_bundle
 from memcontrol.tuning.lora import ADAPTER_NAME
 from memcontrol.workdir import write_json, write_text
@@ -34,7 +35,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 CARD_FILE = "README.md"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export target or its inputs are unusable; the message names the path."""
 
 

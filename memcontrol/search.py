@@ -16,6 +16,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from memcontrol.errors import UserError
 from memcontrol.tuning import Mask
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def open_study(
     return study
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A study would be resumed under settings other than those its trials were scored with."""
 
 
@@ -223,7 +224,7 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 MAX_REPEATS = 8
 
 
-class SearchError(RuntimeError):
+class SearchError(UserError, RuntimeError):
     """The search cannot go on (every trial fails); the message names the first failure's cause."""
 
 

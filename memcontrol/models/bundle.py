@@ -13,13 +13,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import AutoModel, AutoTokenizer
 
 from memcontrol import atomic
+from memcontrol.errors import UserError
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model folder is missing a component or has an unusable one."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from memcontrol import atomic
+from memcontrol.errors import UserError
 
 MODES = ("full", "reference")
 GRANULARITIES = ("transformer", "resnet", "sublayer")
@@ -25,7 +26,7 @@ _REQUIRED = ("method", "blocks", "bits", "lr")
 _OPTIONAL = ("mode", "granularity", "options", "trainable_params", "version")
 
 
-class MaskError(ValueError):
+class MaskError(UserError, ValueError):
     """A mask that does not fit the model or method, or a malformed mask file."""
 
 
