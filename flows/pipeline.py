@@ -72,8 +72,14 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The outer loop: ask a batch of masks, fine-tune + score each on val, tell, until n_trials
     distinct configurations are scored (memcontrol.search.optimize; a proposal equal to a scored one
     is answered from it). First the calibration arm (full fine-tuning at the same budget) that the
-    selection rule measures quality against. The study lives in SQLite: a rerun continues it."""
+    selection rule measures quality against. The study lives in SQLite: a rerun continues it; a
+    second search on the same study file while one runs is refused (memcontrol.search.study_lock)."""
     params, workdir, layout = _setup(params_path, root)
+    with S.study_lock(layout.study_db):
+        return _search(params, workdir, layout)
+
+
+def _search(params: Params, workdir: str, layout: Layout) -> dict:
     blocks = block_list(params, layout)
     study = _open_study(params, layout, blocks)
     study.set_user_attr("blocks", list(blocks))

@@ -4,6 +4,7 @@ states of every distinct prompt, stored as safetensors, so no trial re-encodes a
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from memcontrol import atomic
 from memcontrol.data.images import load_images
 from memcontrol.models.bundle import Bundle
 from memcontrol.train import TrainData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +86,7 @@ def encode_manifest(bundle: Bundle, manifest: pd.DataFrame, root: Path, *, batch
         lat_m.append(m)
         lat_s.append(s)
     prompts = sorted(set(manifest["prompt"]))
+    warn_truncated(bundle.tokenizer, prompts)
     return Encoded(
         ids=manifest["id"].astype(str).tolist(),
         latent_mean=torch.cat(lat_m),
@@ -91,3 +95,14 @@ def encode_manifest(bundle: Bundle, manifest: pd.DataFrame, root: Path, *, batch
         text=bundle.encode_prompts(prompts),
         null_text=bundle.encode_prompts([""]),
     )
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> list[str]:
+    """Prompts longer than the text encoder's positions are cut there (as Stable Diffusion does);
+    say so once per dataset, since a report's findings past the cut never condition the model."""
+    limit = tokenizer.model_max_length
+    long = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
+    if long:
+        log.warning("%d of %d distinct prompts are longer than the text encoder's %d tokens and are truncated "
+                    "there, e.g. %r", len(long), len(prompts), limit, long[0][:80] + "...")
+    return long

@@ -3,11 +3,13 @@ learning rate, driven by ask/tell so the evaluation (fine-tune, generate, score)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,35 @@ def open_study(
     if settings is not None:
         check_resume(study, settings, storage)
     return study
+
+
+class StudyBusy(UserError, RuntimeError):
+    """Another search holds the study file."""
+
+
+@contextmanager
+def study_lock(storage: Path) -> Iterator[None]:
+    """One search per study file at a time. Two would each rebuild the sampler from the same seed,
+    ask the same proposals and train them twice, and each would take the other's RUNNING trials for
+    its own. An flock (released by the kernel when the holder dies, so a SIGKILL leaves no stale
+    lock) on `study.db.lock`, which names the holder."""
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    lock = storage.with_name(storage.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read_text().strip() or "unknown"
+        os.close(fd)
+        raise StudyBusy(f"{storage}: another search (host:pid {holder}) is running on this study; wait for it "
+                        "to finish, or run this one in another workdir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 class ResumeError(UserError, ValueError):

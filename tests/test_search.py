@@ -216,3 +216,21 @@ def test_resume_allows_throughput_settings_and_a_study_without_trials(tmp_path):
     st.tell(st.ask(S.search_space(len(BLOCK_NAMES), LRS)), [0.5, 0.5])
     faster = _changed(_changed(_changed(params, "train", device="cpu"), "sample", batch_size=2), "search", n_trials=50)
     assert len(_resume(tmp_path, faster).trials) == 1
+
+
+def test_a_second_search_on_the_same_study_is_refused_and_a_killed_one_frees_it(tmp_path):
+    import os
+    import signal
+
+    db = tmp_path / "search" / "study.db"
+    with S.study_lock(db):
+        with pytest.raises(S.StudyBusy, match=rf"study\.db: another search \(host:pid {socket.gethostname()}:{os.getpid()}\)"):
+            with S.study_lock(db):
+                pass
+    pid = os.fork()
+    if pid == 0:  # a search that takes the lock and is killed holding it
+        with S.study_lock(db):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with S.study_lock(db):  # the kernel released the dead holder's lock: no stale lock to clean up
+        pass

@@ -100,6 +100,9 @@ class Bundle:
 
 
 def _check_folder(path: Path) -> None:
+    if path.is_file():  # a single-file .ckpt/.safetensors checkpoint: pickles may run code, and it has no layout
+        raise ModelError(f"{path}: is a file, not a diffusers model folder; convert a single-file checkpoint with "
+                         "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)")
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
