@@ -94,9 +94,13 @@ def user_error(e: BaseException) -> int | None:
     return None
 
 
+def describe(e: BaseException) -> str:
+    """The one line a user error prints (after the command's name)."""
+    return str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+
+
 def _fail(name: str, e: BaseException, code: int):
-    message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
-    typer.secho(f"{name}: {message}", fg="red", err=True)
+    typer.secho(f"{name}: {describe(e)}", fg="red", err=True)
     raise typer.Exit(code)
 
 

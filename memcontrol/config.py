@@ -340,7 +340,9 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)  # one line: what and where, not PyYAML's quoted excerpt
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from e
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -85,9 +85,16 @@ def check_readable(path: str | os.PathLike) -> None:
         import pydicom
 
         try:
-            pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path)  # the pixel bytes are read, not decoded
         except Exception as e:
             raise DataError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+        if "PixelData" not in ds:
+            raise DataError(f"{path}: DICOM file without pixel data")
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:  # pydicom reads a cut file short, silently
+            want = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+                    * int(ds.get("NumberOfFrames", 1) or 1))
+            if len(ds.PixelData) < want:
+                raise DataError(f"{path}: truncated DICOM file ({len(ds.PixelData)} of {want} pixel bytes)")
         return
     try:
         with Image.open(path) as im:

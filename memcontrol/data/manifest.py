@@ -102,7 +102,8 @@ def _sha256_checked(path: Path) -> str:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        why = str(e).replace(" <_io.BytesIO object", "").split(" at 0x")[0]  # PIL names the buffer, not the file
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {why})") from e
     return hashlib.sha256(data).hexdigest()
 
 

@@ -105,6 +105,9 @@ def _check_folder(path: Path) -> None:
                          "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)")
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found")
+    if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():  # before loading GBs of weights
+        raise ModelError(f"{path}: an SDXL-style folder (second text encoder); only SD-1.x-style models "
+                         "(one CLIP text encoder, epsilon prediction) are supported")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelError(
