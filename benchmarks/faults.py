@@ -92,7 +92,8 @@ def mlflow_runs(work: Path) -> int:
 
 def records(work: Path) -> dict[str, int]:
     """Every finished arm's record (trials, calibration, Stage 2, full FT) -> its inode."""
-    return {str(f.relative_to(work)): f.stat().st_ino for f in work.rglob("metrics.json") if "reports" not in f.parts}
+    return {str(f.relative_to(work)): f.stat().st_ino for f in work.rglob("metrics.json")
+            if "reports" not in f.parts and "mlruns" not in f.parts}  # mlruns: MLflow's copies, logged again
 
 
 def half_written(work: Path) -> list[str]:
@@ -136,7 +137,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/memcontrol-faults"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
+    ap.add_argument("--table-from", type=Path, help="a log of an earlier (stopped) run: write its rows' table, run nothing")
     args = ap.parse_args()
+    if args.table_from:  # the reference line, then one JSON row per finished kill
+        lines = args.table_from.read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.startswith("{")]
+        for r in rows:  # logs written before mlruns/ was left out of `records`
+            r["recomputed_records"] = [x for x in r["recomputed_records"] if not x.startswith("mlruns/")]
+            r["recomputed"] = len(r["recomputed_records"])
+        wall = float(lines[0].split("reference: ")[1].split(" s")[0])
+        atomic.write_text(args.out, json.dumps({"reference_wall_s": wall, "kills": rows, "seed": args.seed,
+                                                "stopped_after": len(rows)}, indent=2) + "\n")
+        write_table(args.doc, rows, wall, args.seed)
+        return
     rng = random.Random(args.seed)
 
     ref_dir = fresh(args.work / "reference")

@@ -59,8 +59,11 @@ class Encoded:
             "text": self.text.contiguous(),
             "null_text": self.null_text.contiguous(),
         }
+        # one metadata entry: safetensors writes several in a per-process hash order, so two saves of
+        # the same data differed in bytes, and the reference digest (memcontrol/reuse.py) with them
+        meta = {"encoded": json.dumps({"ids": self.ids, "prompts": self.prompts}, sort_keys=True)}
         with atomic.atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "prompts": json.dumps(self.prompts)})
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "Encoded":
@@ -68,8 +71,9 @@ class Encoded:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
+        meta = json.loads(meta["encoded"]) if "encoded" in meta else {k: json.loads(meta[k]) for k in ("ids", "prompts")}
         t = load_file(str(path))
-        return cls(json.loads(meta["ids"]), t["latent_mean"], t["latent_std"], json.loads(meta["prompts"]), t["text"], t["null_text"])
+        return cls(meta["ids"], t["latent_mean"], t["latent_std"], meta["prompts"], t["text"], t["null_text"])
 
 
 def image_paths(manifest: pd.DataFrame, root: Path) -> list[Path]:
