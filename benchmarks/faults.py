@@ -63,10 +63,17 @@ def start(work: Path) -> subprocess.Popen:
                             start_new_session=True)  # its own process group: the kill reaches its workers too
 
 
-def run_to_end(work: Path) -> float:
+def run_to_end(work: Path, timeout: float | None = None) -> float | None:
+    """Seconds the demo took to finish, or None if it was still running after `timeout` (a hang)."""
     t0 = time.perf_counter()
     proc = start(work)
-    if proc.wait() != 0:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    if proc.returncode != 0:
         raise RuntimeError(f"demo in {work} failed (exit {proc.returncode}); see {work}/demo-*.log")
     return time.perf_counter() - t0
 
@@ -137,6 +144,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/memcontrol-faults"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
+    ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")
     ap.add_argument("--table-from", type=Path, help="a log of an earlier (stopped) run: write its rows' table, run nothing")
     args = ap.parse_args()
     if args.table_from:  # the reference line, then one JSON row per finished kill
@@ -175,7 +183,14 @@ def main() -> None:
         broken_at_kill = half_written(work)
         leftovers = len(atomic.leftovers(work))
         t0 = time.perf_counter()
-        run_to_end(work)
+        if run_to_end(work, timeout=args.rerun_timeout) is None:
+            row = {"kill": i, "stage": stage, "at_s": round(at, 1), "killed": killed, "recovered": False,
+                   "mismatches": ["hung"], "finished_records_at_kill": len(before), "recomputed": 0,
+                   "recomputed_records": [], "half_written_at_kill": broken_at_kill,
+                   "temp_leftovers_at_kill": leftovers, "rerun_s": None, "hung": True}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue  # the workdir stays for a look
         got = outcome(work)
         after = records(work)
         recomputed = sorted(k for k, ino in before.items() if after.get(k) != ino)
