@@ -35,7 +35,8 @@ from memcontrol import assets  # noqa: E402
 from memcontrol.data import card, drr, reports, transfer  # noqa: E402
 from memcontrol.data.demo import DRR_MIX  # noqa: E402
 from memcontrol.data.demo import build_demo  # noqa: E402
-from memcontrol.data.images import load_images, write_atomic  # noqa: E402
+from memcontrol import atomic  # noqa: E402
+from memcontrol.data.images import load_images  # noqa: E402
 from memcontrol.data.manifest import image_paths, save_manifest  # noqa: E402
 
 PAIRS = ("ct_ct", "drr_drr", "mem_vs_train_nn", "heldout_vs_train_nn", "codec_vs_train_nn", "ct_vs_drr")
@@ -191,7 +192,7 @@ def main() -> None:
             print(f"{kind:14s}{pair:22s}{s['n_a']:5d}{s['n_b']:5d}{s['mean']:7.3f}{s['p95']:7.3f}"
                   f"{s['nn_mean']:8.3f}{s['nn_p95']:7.3f}{s['nn_max']:7.3f}")
     res = Path(__file__).parent / "results" / "data.json"
-    write_atomic((json.dumps(result, indent=2, sort_keys=True) + "\n").encode(), res)
+    atomic.write_text(res, json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"\nwrote {res}")
     if args.grid:
         card.example_grid(df, out, args.grid)

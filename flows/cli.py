@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import resource
 import sys
@@ -18,8 +20,6 @@ offline.apply()  # before prefect/mlflow/transformers are imported
 def _logging() -> None:
     """memcontrol's log (progress included, tasks/progress.py): rich on a terminal, plain
     timestamped lines otherwise (a log file, CI, `dvc repro`), one line per record, never wrapped."""
-    import logging
-
     from rich.console import Console
     from rich.logging import RichHandler
 
@@ -42,6 +42,68 @@ ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params.yaml to r
 RootOpt = typer.Option(None, "--root", help="working directory for outputs (default: params `workdir`)")
 
 
+# OSErrors that say the environment, not the code, is at fault: a missing input file (an earlier
+# stage not run), no permission, a full disk or quota.
+ENVIRONMENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class _HeldErrors(logging.Filter):
+    """Prefect logs a failed run's traceback at ERROR before the CLI sees the exception. Those records
+    are held back: a user error then ends in its one line, while a bug (and a run that succeeded
+    after catching a failed task) gets them all, in order."""
+
+    LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.held.append(record)
+            return False
+        return True
+
+    def __enter__(self):
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+    def release(self) -> None:
+        for record in self.held:
+            logging.getLogger(record.name).handle(record)
+        self.held.clear()
+
+
+def user_error(e: BaseException) -> int | None:
+    """The exit code for a user's error (bad input, settings or environment), None for a bug.
+    MEMCONTROL_TRACEBACK=1 treats every error as a bug (to see where a message came from)."""
+    from memcontrol.config import ConfigError
+    from memcontrol.errors import UserError
+
+    if os.environ.get("MEMCONTROL_TRACEBACK") == "1":
+        return None
+    if isinstance(e, ConfigError):
+        return 2
+    if isinstance(e, UserError) or (isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS):
+        return 1
+    return None
+
+
+def describe(e: BaseException) -> str:
+    """The one line a user error prints (after the command's name)."""
+    return str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+
+
+def _fail(name: str, e: BaseException, code: int):
+    typer.secho(f"{name}: {describe(e)}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
 def _run(name: str, params: str, root: str | None, module: str = "pipeline", **options):
     from memcontrol.config import ConfigError, load_params
 
@@ -49,18 +111,21 @@ def _run(name: str, params: str, root: str | None, module: str = "pipeline", **o
     try:
         load_params(params)  # fail fast with the file and key named, before Prefect starts
     except ConfigError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2)
+        _fail(name, e, 2)
     import importlib
 
     flows_module = importlib.import_module(f"flows.{module}")
 
     t0 = time.perf_counter()
-    try:
-        out = getattr(flows_module, name)(params_path=params, root=root, **options)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        typer.secho(f"{name}: {e}", fg="red", err=True)
-        raise typer.Exit(1)
+    with _HeldErrors() as held:
+        try:
+            out = getattr(flows_module, name)(params_path=params, root=root, **options)
+        except Exception as e:  # a user error: its message alone; a bug: Prefect's log and the traceback
+            if (code := user_error(e)) is not None:
+                _fail(name, e, code)
+            held.release()
+            raise
+        held.release()
     typer.secho(f"{name}: done in {time.perf_counter() - t0:.1f}s", fg="green", err=True)
     return out
 

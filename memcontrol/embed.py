@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from memcontrol import assets
+from memcontrol.errors import UserError
 from memcontrol.models.backbones import MobileNetV2, XrvDenseNet
 
 LOG = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("mobilenet_v2", "pixel", "torchscript", "xrv_densenet")
 
 
-class EmbedderError(ValueError):
+class EmbedderError(UserError, ValueError):
     """An embedder file or input is unusable; the message names the file or the argument."""
 
 

@@ -4,7 +4,7 @@ states of every distinct prompt, stored as safetensors, so no trial re-encodes a
 from __future__ import annotations
 
 import json
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +12,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from memcontrol import atomic
 from memcontrol.data.images import load_images
 from memcontrol.models.bundle import Bundle
 from memcontrol.train import TrainData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,18 +53,17 @@ class Encoded:
         )
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {
-                "latent_mean": self.latent_mean.contiguous(),
-                "latent_std": self.latent_std.contiguous(),
-                "text": self.text.contiguous(),
-                "null_text": self.null_text.contiguous(),
-            },
-            str(tmp),
-            metadata={"ids": json.dumps(self.ids), "prompts": json.dumps(self.prompts)},
-        )
-        os.replace(tmp, path)
+        tensors = {
+            "latent_mean": self.latent_mean.contiguous(),
+            "latent_std": self.latent_std.contiguous(),
+            "text": self.text.contiguous(),
+            "null_text": self.null_text.contiguous(),
+        }
+        # one metadata entry: safetensors writes several in a per-process hash order, so two saves of
+        # the same data differed in bytes, and the reference digest (memcontrol/reuse.py) with them
+        meta = {"encoded": json.dumps({"ids": self.ids, "prompts": self.prompts}, sort_keys=True)}
+        with atomic.atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "Encoded":
@@ -69,8 +71,9 @@ class Encoded:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
+        meta = json.loads(meta["encoded"]) if "encoded" in meta else {k: json.loads(meta[k]) for k in ("ids", "prompts")}
         t = load_file(str(path))
-        return cls(json.loads(meta["ids"]), t["latent_mean"], t["latent_std"], json.loads(meta["prompts"]), t["text"], t["null_text"])
+        return cls(meta["ids"], t["latent_mean"], t["latent_std"], meta["prompts"], t["text"], t["null_text"])
 
 
 def image_paths(manifest: pd.DataFrame, root: Path) -> list[Path]:
@@ -87,6 +90,7 @@ def encode_manifest(bundle: Bundle, manifest: pd.DataFrame, root: Path, *, batch
         lat_m.append(m)
         lat_s.append(s)
     prompts = sorted(set(manifest["prompt"]))
+    warn_truncated(bundle.tokenizer, prompts)
     return Encoded(
         ids=manifest["id"].astype(str).tolist(),
         latent_mean=torch.cat(lat_m),
@@ -95,3 +99,14 @@ def encode_manifest(bundle: Bundle, manifest: pd.DataFrame, root: Path, *, batch
         text=bundle.encode_prompts(prompts),
         null_text=bundle.encode_prompts([""]),
     )
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> list[str]:
+    """Prompts longer than the text encoder's positions are cut there (as Stable Diffusion does);
+    say so once per dataset, since a report's findings past the cut never condition the model."""
+    limit = tokenizer.model_max_length
+    long = [p for p in prompts if len(tokenizer(p, truncation=False).input_ids) > limit]
+    if long:
+        log.warning("%d of %d distinct prompts are longer than the text encoder's %d tokens and are truncated "
+                    "there, e.g. %r", len(long), len(prompts), limit, long[0][:80] + "...")
+    return long

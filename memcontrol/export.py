@@ -17,15 +17,14 @@ The folder is built under a temporary name and renamed into place: a crash leave
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from memcontrol import tuning
-from memcontrol.models.bundle import load_bundle, save_bundle
+from memcontrol import atomic, tuning
+from memcontrol.errors import UserError
+from memcontrol.models.bundle import load_bundle, write_bundle
 from memcontrol.tuning.lora import ADAPTER_NAME
 from memcontrol.workdir import write_json, write_text
 
@@ -36,7 +35,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 CARD_FILE = "README.md"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export target or its inputs are unusable; the message names the path."""
 
 
@@ -83,21 +82,16 @@ def export_model(base_path: Path | str, adapter_dir: Path | str, out: Path | str
     bundle = load_bundle(base_path)
     bundle.unet, mask, lora = merged_unet(Path(base_path), adapter_dir)
     bundle.scheduler = bundle.ddim()
-    staging = out.with_name(f".{out.name}.export")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_bundle(bundle, staging)
-    if lora is not None:
-        layers, meta = lora
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=meta,
-                                                  safe_serialization=True)
-    if card is not None:
-        write_text(card, staging / CARD_FILE)
-    write_json({"method": mask.method, "mask_digest": mask.digest(), "enabled_blocks": list(mask.enabled()),
-                "lora_file": LORA_FILE if lora is not None else None, "adapter": str(adapter_dir),
-                "base_model": str(base_path), **(record or {})}, staging / RECORD_FILE)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)
+    with atomic.atomic_dir(out) as staging:  # the old export is replaced only once the new one is whole
+        write_bundle(bundle, staging)
+        if lora is not None:
+            layers, meta = lora
+            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=meta,
+                                                      safe_serialization=True)
+        if card is not None:
+            write_text(card, staging / CARD_FILE)
+        write_json({"method": mask.method, "mask_digest": mask.digest(), "enabled_blocks": list(mask.enabled()),
+                    "lora_file": LORA_FILE if lora is not None else None, "adapter": str(adapter_dir),
+                    "base_model": str(base_path), **(record or {})}, staging / RECORD_FILE)
     log.info("exported %s (%s) to %s", adapter_dir, mask.method, out)
     return out

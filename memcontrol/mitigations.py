@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from memcontrol.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MITIGATIONS = ("rwa", "gn", "wen", "dedup")
@@ -37,7 +39,7 @@ TEXT_SIDE = ("rwa", "gn")  # applied in this order when stacked
 TextTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
-class MitigationError(ValueError):
+class MitigationError(UserError, ValueError):
     """An unknown mitigation or arm name, or invalid mitigation settings."""
 
 

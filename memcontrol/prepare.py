@@ -26,6 +26,7 @@ def prepare(params: Params, layout: Layout) -> Path:
             csv.csv, csv.image_root, path_column=csv.path_column, text_column=csv.text_column,
             split_column=csv.split_column, group_column=csv.group_column, mem_csv=csv.mem_csv, n_mem=csv.n_mem,
             val_fraction=csv.val_fraction, test_fraction=csv.test_fraction, seed=params.seed,
+            allow_outside_root=csv.allow_outside_root,
         )
         root = Path(csv.image_root).resolve()
         df["path"] = [x if Path(x).is_absolute() else str(root / x) for x in df["path"]]

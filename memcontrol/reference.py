@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memcontrol import atomic
 from memcontrol.base_model import load_base
 from memcontrol.config import Params
 from memcontrol.data.images import load_images
@@ -74,7 +75,8 @@ def reference(params: Params, layout: Layout) -> Path:
     index = ReferenceIndex.build(features["train"], kind=params.metrics.index, center=params.metrics.center)
     index.save(out / "index")
     for name, f in features.items():
-        np.save(out / f"{name}_feats.npy", f)
+        with atomic.atomic_path(out / f"{name}_feats.npy") as tmp:
+            np.save(tmp, f)
     write_json({name: rows["id"].tolist() for name, rows in splits.items()}, out / "ids.json")
 
     val_sims = index.search(features["val"], k=1)[0][:, 0]

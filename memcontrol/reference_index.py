@@ -13,12 +13,13 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from memcontrol import atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -208,15 +209,14 @@ class ReferenceIndex:
         """Write ``index.faiss``, ``arrays.npz`` (mean, PCA) and ``meta.json`` atomically (meta last)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".index.faiss.tmp{os.getpid()}"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, directory / "index.faiss")
+        with atomic.atomic_path(directory / "index.faiss") as tmp:
+            faiss.write_index(self.index, str(tmp))
         buf = io.BytesIO()
         arrays = {k: v for k, v in (("mean", self.mean), ("pca", self.pca)) if v is not None}
         np.savez(buf, **arrays)
-        _atomic_write(directory / "arrays.npz", buf.getvalue())
+        atomic.write_bytes(directory / "arrays.npz", buf.getvalue())
         meta = {"format_version": _FORMAT_VERSION, "dim_in": self.dim_in, "ntotal": self.ntotal, "settings": asdict(self.settings)}
-        _atomic_write(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+        atomic.write_bytes(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
     @classmethod
     def load(cls, directory: Path) -> ReferenceIndex:
@@ -258,12 +258,6 @@ def _new_faiss_index(s: IndexSettings, dim: int, n: int) -> faiss.Index:
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, fp16, ip)
     index.cp.seed = s.seed  # k-means initialisation
     return index  # faiss' Python wrapper keeps `quantizer` alive as a referenced object
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def brute_force_search(ref_feats: np.ndarray, queries: np.ndarray, k: int = 1, *, center: bool = True, block: int = 8192) -> tuple[np.ndarray, np.ndarray]:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from memcontrol import tuning
+from memcontrol import atomic, tuning
 from memcontrol.audit.attack import tile_threshold as calibrated_tile_threshold
 from memcontrol.base_model import load_base
 from memcontrol.cards import dataset_card
@@ -149,9 +148,8 @@ def build_release(params: Params, layout: Layout, out_dir: Path | None = None, *
     table = table[MANIFEST_COLUMNS]
     for name, write in (("manifest.csv", lambda f: table.to_csv(f, index=False)),
                         ("manifest.parquet", lambda f: table.to_parquet(f, index=False))):
-        tmp = out_dir / (name + ".tmp")
-        write(tmp)
-        os.replace(tmp, out_dir / name)
+        with atomic.atomic_path(out_dir / name) as tmp:
+            write(tmp)
     by_kind = table.groupby("prompt_kind")["released"].agg(["size", "sum"])
     summary = {
         "n_generated": int(len(table)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from memcontrol import atomic  # noqa: E402
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -46,9 +47,8 @@ def image_grid(images: torch.Tensor, *, cols: int = 8, scale: int = 1) -> Image.
 
 
 def save_image(img: Image.Image, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        img.save(tmp)
     return path
 
 
@@ -80,10 +80,11 @@ def pareto_plot(
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -3,11 +3,13 @@ learning rate, driven by ask/tell so the evaluation (fine-tune, generate, score)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from memcontrol.errors import UserError
 from memcontrol.tuning import Mask
 
 log = logging.getLogger(__name__)
@@ -40,13 +43,16 @@ def search_space(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
 
 
 def open_study(
-    storage: Path, name: str, *, sampler: str, seed: int, population_size: int, directions: list[str]
+    storage: Path, name: str, *, sampler: str, seed: int, population_size: int, directions: list[str],
+    settings: dict | None = None,
 ) -> optuna.Study:
     """Create or resume the study in an SQLite file. The storage does not keep the sampler's state,
     so the sampler's name and seed are recorded as user attrs. If study `name` was made with other
     sampler settings, these settings get their own study `name.<sampler>-seed<seed>-pop<size>` in the
     same file (so `dvc exp run -S search.sampler=random` searches anew and the original study stays
-    resumable); `study.study_name` says which one was opened."""
+    resumable); `study.study_name` says which one was opened. `settings` (see `resume_settings`)
+    are what the trials' values depend on: resuming a study that has trials under other settings
+    raises ResumeError instead of pairing old values with new names."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler `{sampler}`; known: {sorted(SAMPLERS)}")
     storage.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,88 @@ def open_study(
     for k, v in attrs.items():
         if study.user_attrs.get(k) is None:
             study.set_user_attr(k, v)
+    if settings is not None:
+        check_resume(study, settings, storage)
     return study
+
+
+class StudyBusy(UserError, RuntimeError):
+    """Another search holds the study file."""
+
+
+@contextmanager
+def study_lock(storage: Path) -> Iterator[None]:
+    """One search per study file at a time. Two would each rebuild the sampler from the same seed,
+    ask the same proposals and train them twice, and each would take the other's RUNNING trials for
+    its own. An flock (released by the kernel when the holder dies, so a SIGKILL leaves no stale
+    lock) on `study.db.lock`, which names the holder."""
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    lock = storage.with_name(storage.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock.read_text().strip() or "unknown"
+        os.close(fd)
+        raise StudyBusy(f"{storage}: another search (host:pid {holder}) is running on this study; wait for it "
+                        "to finish, or run this one in another workdir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class ResumeError(UserError, ValueError):
+    """A study would be resumed under settings other than those its trials were scored with."""
+
+
+def resume_settings(params, blocks: tuple[str, ...]) -> dict:
+    """What a trial's objective values depend on besides its mask bits and LR: the objectives, the
+    candidate blocks, the method and its options, the inner loop (training set, training,
+    sampling) and how it is scored (metrics). Throughput-only settings (device, sample.batch_size, n_trials) are left out, so they
+    may change between runs; the sampler's settings have their own sibling study (`open_study`)."""
+    train = params.train.model_dump(exclude={"device", "gradient_checkpointing"})
+    sample = params.sample.model_dump(exclude={"batch_size"})
+    settings = {
+        "search.objectives": list(params.search.objectives),
+        "search.learning_rates": list(params.search.learning_rates),
+        "blocks": list(blocks),
+        "tuning.method": params.tuning.method,
+        "tuning.mode": params.tuning.mode,
+        "tuning.granularity": params.tuning.granularity,
+        "tuning.options": dict(params.tuning.options),
+        "seed": params.seed,
+        "data.data_size_ratio": params.data.data_size_ratio,
+        "data.n_repeats": params.data.n_repeats,
+        **{f"train.{k}": v for k, v in train.items()},
+        **{f"sample.{k}": v for k, v in sample.items()},
+        **{f"metrics.{k}": v for k, v in params.metrics.model_dump().items()},
+    }
+    return json.loads(json.dumps(settings, default=str))  # as the SQLite storage gives it back
+
+
+def check_resume(study: optuna.Study, settings: dict, storage: Path) -> None:
+    """Record `settings` on a study without trials; on one with trials, refuse any difference,
+    naming the key and both values (a study from before settings were recorded has only `blocks`)."""
+    stored = study.user_attrs.get("settings") or {}
+    if not stored and "blocks" in study.user_attrs:
+        stored = {"blocks": study.user_attrs["blocks"]}
+    if study.get_trials(deepcopy=False):
+        for key, now in settings.items():
+            if key in stored and stored[key] != now:
+                raise ResumeError(
+                    f"study `{study.study_name}` in {storage} has {len(study.trials)} trials scored with "
+                    f"{key}={_show(stored[key])}, but the params now say {key}={_show(now)}; resuming would "
+                    f"pair those values with the new setting. Set a new search.study_name to search anew "
+                    f"(e.g. -S search.study_name=...), or restore {key}.")
+    study.set_user_attr("settings", {**stored, **settings})
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def _alive(owner: str) -> bool:
@@ -168,7 +255,7 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 MAX_REPEATS = 8
 
 
-class SearchError(RuntimeError):
+class SearchError(UserError, RuntimeError):
     """The search cannot go on (every trial fails); the message names the first failure's cause."""
 
 

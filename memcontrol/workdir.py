@@ -1,19 +1,19 @@
 """The working directory: where every stage reads and writes (`Layout`), how it writes, and the
 manifest every stage reads.
 
-Every output goes to a temporary name in its folder and is renamed into place, so a crash or kill
-never leaves half a file, and a file that exists is complete."""
+Every output goes through memcontrol/atomic.py (a unique temp name in its folder, fsync, rename),
+so a crash or kill never leaves half a file, and a file that exists is complete."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from memcontrol import atomic
 from memcontrol.data.manifest import load_manifest
 
 
@@ -107,11 +107,7 @@ def to_json(obj) -> str:
 
 
 def write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def write_json(obj, path: Path) -> Path:
@@ -119,8 +115,6 @@ def write_json(obj, path: Path) -> Path:
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path

@@ -52,7 +52,11 @@ def parent_run(uri: str, experiment: str, root: Path, *, kind: str, name: str, p
     found = client.search_runs([exp_id], f"tags.memcontrol_kind = '{kind}' and tags.memcontrol_name = '{name}'",
                                max_results=1)
     if found:
-        return found[0].info.run_id
+        rid = found[0].info.run_id
+        for k, v in params.items():  # params are immutable in MLflow: a changed one is kept as a tag
+            if found[0].data.params.get(k, str(v)[:6000]) != str(v)[:6000]:
+                client.set_tag(rid, f"rerun.{k}", str(v)[:5000])
+        return rid
     run = client.create_run(exp_id, run_name=f"{kind}:{name}", tags={"memcontrol_kind": kind, "memcontrol_name": name,
                                                                    "stage": STAGES.get(kind, kind)})
     for k, v in params.items():
@@ -72,10 +76,18 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
                                          f"and tags.memcontrol_record = '{digest}'", max_results=1)
     if found:  # already logged by an earlier (interrupted) run of the flow
         return found[0].info.run_id
+    # a rerun under other settings or code: a new child run, and the earlier ones of the same name
+    # are marked (memcontrol_current=false, superseded_by) so the UI can filter them out
+    earlier = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'")
     kind = client.get_run(parent_id).data.tags.get("memcontrol_kind", "")
     run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "memcontrol_child": name,
-                                                         "memcontrol_record": digest, "stage": STAGES.get(kind, kind)})
+                                                         "memcontrol_record": digest, "stage": STAGES.get(kind, kind),
+                                                         "memcontrol_current": "true",
+                                                         **({"memcontrol_rerun_of": earlier[0].info.run_id} if earlier else {})})
     rid = run.info.run_id
+    for old in earlier:
+        client.set_tag(old.info.run_id, "memcontrol_current", "false")
+        client.set_tag(old.info.run_id, "memcontrol_superseded_by", rid)
     mask = record["mask"]
     params = {
         "method": mask["method"], "mode": mask.get("mode", ""), "lr": mask["lr"],

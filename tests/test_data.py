@@ -453,6 +453,46 @@ def test_ingest_missing_csv(tmp_path):
         ingest_csv(tmp_path / "nope.csv", tmp_path)
 
 
+def _outside(user_data, kind):
+    """Row 3 of the CSV names an image outside the root: absolute, by `..`, or through a symlink."""
+    csv, root = user_data
+    outside = root.parent / "other_study"
+    outside.mkdir()
+    shutil.copy(root / "p1" / "img1.jpg", outside / "x.jpg")
+    d = pd.read_csv(csv)
+    if kind == "absolute":
+        d.loc[1, "path"] = str(outside / "x.jpg")
+    elif kind == "dotdot":
+        d.loc[1, "path"] = "../other_study/x.jpg"
+    else:
+        (root / "link").symlink_to(outside, target_is_directory=True)
+        d.loc[1, "path"] = "link/x.jpg"
+    d.to_csv(csv, index=False)
+    return csv, root
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("absolute", r"row 3: path '/.*other_study/x\.jpg' is absolute; paths must be relative to the image root"),
+    ("dotdot", r"row 3: path '\.\./other_study/x\.jpg' contains '\.\.'"),
+    ("symlink", r"row 3: path 'link/x\.jpg' is a symlink out of the image root .*link -> .*other_study"),
+])
+def test_ingest_refuses_paths_outside_the_image_root_by_name(user_data, kind, message):
+    csv, root = _outside(user_data, kind)
+    with pytest.raises(DataError, match=message + r".*data\.csv\.allow_outside_root: true"):
+        ingest_csv(csv, root, n_mem=2)
+    df = ingest_csv(csv, root, n_mem=2, allow_outside_root=True)  # the user's opt-in
+    assert df["path"].str.endswith("other_study/x.jpg").sum() == 1
+
+
+def test_ingest_accepts_a_symlink_that_stays_inside_the_root(user_data):
+    csv, root = user_data
+    (root / "alias").symlink_to(root / "p1", target_is_directory=True)
+    d = pd.read_csv(csv)
+    d.loc[1, "path"] = "alias/img1.jpg"
+    d.to_csv(csv, index=False)
+    assert len(ingest_csv(csv, root, n_mem=2)) == 6
+
+
 # ----------------------------------------------------------------------------- images
 
 

@@ -158,3 +158,79 @@ def test_a_success_resets_the_failure_count(tmp_path):
     S.optimize(st, S.search_space(len(BLOCKS), LRS), n_trials=3, batch_size=1, make_mask=_mask,
                evaluate=evaluate, seed=0)
     assert S.n_finished(st) == 3 and len(st.get_trials(states=(TrialState.FAIL,))) == 6
+
+
+# Issue 12 item 2: a resume under other settings is refused, naming the key and both values.
+def _changed(params, section: str, **update):
+    return params.model_copy(update={section: getattr(params, section).model_copy(update=update)})
+
+
+BLOCK_NAMES = tuple(f"down_blocks.{i}.attentions.0" for i in range(5))
+RESUME_CASES = {  # key -> (how the params change, the old and new values as the message shows them)
+    "search.objectives": (lambda p: _changed(p, "search", objectives=("mem_mean_sim", "fid")),
+                          '["mem_mean_sim", "kid"]', '["mem_mean_sim", "fid"]'),
+    "blocks": (None, '["down_blocks.0', '["down_blocks.1'),
+    "tuning.method": (lambda p: _changed(p, "tuning", method="bias"), "lora", "bias"),
+    "tuning.mode": (lambda p: _changed(p, "tuning", mode="reference"), "full", "reference"),
+    "tuning.granularity": (lambda p: _changed(p, "tuning", granularity="resnet"), "transformer", "resnet"),
+    "tuning.options": (lambda p: _changed(p, "tuning", options={"rank": 4}), "{}", '{"rank": 4}'),
+    "search.learning_rates": (lambda p: _changed(p, "search", learning_rates=(1e-3,)), "[0.0003, 0.001, 0.003]", "[0.001]"),
+    "train.steps": (lambda p: _changed(p, "train", steps=7), "150", "7"),
+    "train.batch_size": (lambda p: _changed(p, "train", batch_size=2), "8", "2"),
+    "train.weight_decay": (lambda p: _changed(p, "train", weight_decay=0.0), "0.01", "0.0"),
+    "sample.steps": (lambda p: _changed(p, "sample", steps=3), "20", "3"),
+    "metrics.embedder": (lambda p: _changed(p, "metrics", embedder="pixel"), "mobilenet_v2", "pixel"),
+    "data.n_repeats": (lambda p: _changed(p, "data", n_repeats=2), "10", "2"),
+    "seed": (lambda p: p.model_copy(update={"seed": 5}), "0", "5"),
+}
+
+
+def _resume(tmp_path, params, blocks=BLOCK_NAMES):
+    return S.open_study(tmp_path / "study.db", "s", sampler="nsga2", seed=0, population_size=4,
+                        directions=["minimize", "minimize"], settings=S.resume_settings(params, blocks))
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_CASES))
+def test_resume_with_another_setting_is_refused_naming_the_key_and_both_values(tmp_path, key):
+    from memcontrol.config import Params
+
+    change, old, new = RESUME_CASES[key]
+    params = Params()
+    first = _resume(tmp_path, params)
+    first.tell(first.ask(S.search_space(len(BLOCK_NAMES), LRS)), [0.5, 0.5])
+    other, blocks = (params, BLOCK_NAMES[1:]) if change is None else (change(params), BLOCK_NAMES)
+    with pytest.raises(S.ResumeError) as err:
+        _resume(tmp_path, other, blocks)
+    msg = str(err.value)
+    assert f"{key}={old}" in msg and f"{key}={new}" in msg and "search.study_name" in msg
+    assert len(_resume(tmp_path, params).trials) == 1  # the original settings still resume it
+
+
+def test_resume_allows_throughput_settings_and_a_study_without_trials(tmp_path):
+    from memcontrol.config import Params
+
+    params = Params()
+    _resume(tmp_path, _changed(params, "train", steps=3))  # no trials yet: the new settings are recorded
+    st = _resume(tmp_path, params)
+    assert st.user_attrs["settings"]["train.steps"] == params.train.steps
+    st.tell(st.ask(S.search_space(len(BLOCK_NAMES), LRS)), [0.5, 0.5])
+    faster = _changed(_changed(_changed(params, "train", device="cpu"), "sample", batch_size=2), "search", n_trials=50)
+    assert len(_resume(tmp_path, faster).trials) == 1
+
+
+def test_a_second_search_on_the_same_study_is_refused_and_a_killed_one_frees_it(tmp_path):
+    import os
+    import signal
+
+    db = tmp_path / "search" / "study.db"
+    with S.study_lock(db):
+        with pytest.raises(S.StudyBusy, match=rf"study\.db: another search \(host:pid {socket.gethostname()}:{os.getpid()}\)"):
+            with S.study_lock(db):
+                pass
+    pid = os.fork()
+    if pid == 0:  # a search that takes the lock and is killed holding it
+        with S.study_lock(db):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with S.study_lock(db):  # the kernel released the dead holder's lock: no stale lock to clean up
+        pass

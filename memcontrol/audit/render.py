@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memcontrol import atomic
 from memcontrol.audit.statistics import REPORT_KEYS, claims, tradeoff
 from memcontrol.config import OBJECTIVES, Params
 from memcontrol.pareto import is_pareto_front
@@ -107,11 +108,11 @@ def tradeoff_plot(table: pd.DataFrame, mem: str, quality: str, path: Path) -> Pa
 
 
 def _save(fig, plt, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memcontrol import atomic
 from memcontrol.data import drr, reports, transfer
-from memcontrol.data.images import encode_png, write_atomic
+from memcontrol.data.images import encode_png
 from memcontrol.data.manifest import COLUMNS, validate_manifest
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def drr_label(kind: str, where: str) -> str:
 
 def _png(img: np.ndarray, path: Path) -> str:
     data = encode_png(img)
-    write_atomic(data, path)
+    atomic.write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

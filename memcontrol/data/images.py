@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from memcontrol import atomic
 from memcontrol.data.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -85,9 +85,16 @@ def check_readable(path: str | os.PathLike) -> None:
         import pydicom
 
         try:
-            pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path)  # the pixel bytes are read, not decoded
         except Exception as e:
             raise DataError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+        if "PixelData" not in ds:
+            raise DataError(f"{path}: DICOM file without pixel data")
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:  # pydicom reads a cut file short, silently
+            want = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+                    * int(ds.get("NumberOfFrames", 1) or 1))
+            if len(ds.PixelData) < want:
+                raise DataError(f"{path}: truncated DICOM file ({len(ds.PixelData)} of {want} pixel bytes)")
         return
     try:
         with Image.open(path) as im:
@@ -168,22 +175,8 @@ def encode_png(image, *, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes
     return buf.getvalue()
 
 
-def write_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write bytes via a temporary file in the same folder + os.replace: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image, path: str | os.PathLike, *, value_range: tuple[float, float] = (0.0, 1.0)) -> bytes:
     """Encode (see `encode_png`) and write atomically; returns the bytes written (hash them)."""
     data = encode_png(image, value_range=value_range)
-    write_atomic(data, path)
+    atomic.write_bytes(path, data)
     return data

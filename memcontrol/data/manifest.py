@@ -30,8 +30,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from memcontrol import atomic
 from memcontrol.data.errors import DataError
-from memcontrol.data.images import DICOM_SUFFIXES, check_readable, write_atomic
+from memcontrol.data.images import DICOM_SUFFIXES, check_readable
+from memcontrol.data.paths import image_file
 
 LOG = logging.getLogger(__name__)
 
@@ -100,7 +102,8 @@ def _sha256_checked(path: Path) -> str:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        why = str(e).replace(" <_io.BytesIO object", "").split(" at 0x")[0]  # PIL names the buffer, not the file
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {why})") from e
     return hashlib.sha256(data).hexdigest()
 
 
@@ -133,11 +136,13 @@ def ingest_csv(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    allow_outside_root: bool = False,
 ) -> pd.DataFrame:
     """Validate an image folder + CSV (MIMIC-CXR style: one row per image with `path`, `text`) and
     return its manifest. Reads the CSV(s) and the images, writes nothing.
 
-    Paths in the CSV are relative to `image_root` (or absolute); the manifest stores them absolute.
+    Paths in the CSV are relative to `image_root` and must stay inside it (no absolute path, `..`
+    or symlink out of it) unless `allow_outside_root`; the manifest stores them absolute.
     Three splits: the search scores on "val", Stage 2 and every reported number on "test", which
     the search never sees. Without `split_column`, seeded random shares `val_fraction` and
     `test_fraction` become "val" and "test", the rest "train". With `group_column` (a patient id)
@@ -234,7 +239,7 @@ def ingest_csv(
     # images last: the slow part
     abs_paths, hashes = [], []
     for i, p in enumerate(rel):
-        f = Path(p) if Path(p).is_absolute() else image_root / p
+        f = image_file(p, image_root, row(i), allow_outside_root=allow_outside_root)
         if not f.is_file():
             raise DataError(f"{row(i)}: image {f} not found")
         try:
@@ -289,12 +294,12 @@ def split_by_group(groups: list[str], *, val_fraction: float, test_fraction: flo
 
 
 def save_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate and write the manifest as parquet, atomically (temporary file + os.replace)."""
+    """Validate and write the manifest as parquet, atomically (memcontrol.atomic)."""
     path = Path(path)
     df = validate_manifest(df, where=str(path))
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    write_atomic(buf.getvalue(), path)
+    atomic.write_bytes(path, buf.getvalue())
     return path
 
 

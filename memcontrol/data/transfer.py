@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from memcontrol import assets
+from memcontrol import assets, atomic
 from memcontrol.data.errors import DataError
-from memcontrol.data.images import encode_png, resize_crop, write_atomic
+from memcontrol.data.images import encode_png, resize_crop
 from memcontrol.data.manifest import COLUMNS, validate_manifest
 
 LOG = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def build_transfer(out_dir: str | Path, *, n_train: int = 200, n_val: int = 64, 
     def add(img: np.ndarray, rid: str, prompt: str, split: str, subset: str, label: str, source: str):
         data = encode_png(img)
         rel = f"images/{rid}.png"
-        write_atomic(data, out_dir / rel)
+        atomic.write_bytes(out_dir / rel, data)
         rows.append({"id": rid, "path": rel, "prompt": " ".join(prompt.split()), "split": split, "subset": subset,
                      "label": label, "source": source, "sha256": hashlib.sha256(data).hexdigest()})
 

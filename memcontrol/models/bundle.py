@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +12,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer
 
+from memcontrol import atomic
+from memcontrol.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model folder is missing a component or has an unusable one."""
 
 
@@ -99,8 +100,14 @@ class Bundle:
 
 
 def _check_folder(path: Path) -> None:
+    if path.is_file():  # a single-file .ckpt/.safetensors checkpoint: pickles may run code, and it has no layout
+        raise ModelError(f"{path}: is a file, not a diffusers model folder; convert a single-file checkpoint with "
+                         "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)")
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found")
+    if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():  # before loading GBs of weights
+        raise ModelError(f"{path}: an SDXL-style folder (second text encoder); only SD-1.x-style models "
+                         "(one CLIP text encoder, epsilon prediction) are supported")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelError(
@@ -161,11 +168,17 @@ def load_bundle(path: Path | str, *, unet_path: Path | str | None = None) -> Bun
 
 
 def save_bundle(bundle: Bundle, path: Path | str) -> Path:
-    """Write a diffusers folder atomically (a temp dir renamed into place: a crash never leaves half a model)."""
+    """Write a diffusers folder atomically (memcontrol.atomic.atomic_dir: a temp folder renamed into
+    place, the old model moved aside and removed only after; a crash never leaves half a model)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic.atomic_dir(path) as tmp:
+        write_bundle(bundle, tmp)
+    return path
+
+
+def write_bundle(bundle: Bundle, tmp: Path) -> None:
+    """The diffusers folder's contents into the empty folder `tmp` (not atomic by itself: callers
+    fill an `atomic_dir`, export adds its card and LoRA file before the rename)."""
     bundle.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     bundle.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     bundle.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -187,7 +200,3 @@ def save_bundle(bundle: Bundle, path: Path | str) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path

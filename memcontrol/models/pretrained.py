@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from memcontrol import atomic
 from memcontrol.config import Params
 from memcontrol.models import tiny
 from memcontrol.models.bundle import Bundle
@@ -56,6 +57,7 @@ def save_committed(bundle: Bundle, key: dict, info: dict) -> Path:
     """Write the VAE and UNet (fp16) and recipe.json under `COMMITTED` (maintainers refresh it)."""
     COMMITTED.mkdir(parents=True, exist_ok=True)
     for name, module in (("vae", bundle.vae), ("unet", bundle.unet)):
-        copy.deepcopy(module).half().save_pretrained(COMMITTED / name, safe_serialization=True)
-    (COMMITTED / "recipe.json").write_text(json.dumps({"recipe": key, **info}, indent=2, sort_keys=True) + "\n")
+        with atomic.atomic_dir(COMMITTED / name) as tmp:
+            copy.deepcopy(module).half().save_pretrained(tmp, safe_serialization=True)
+    atomic.write_text(COMMITTED / "recipe.json", json.dumps({"recipe": key, **info}, indent=2, sort_keys=True) + "\n")
     return COMMITTED

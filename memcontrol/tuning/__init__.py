@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memcontrol import atomic
 from memcontrol.tuning import attention, bias, difffit, full, lora, norm, svdiff
 from memcontrol.tuning._base import Candidate, Method
 from memcontrol.tuning.blocks import block_layout, check_blocks, enumerate_blocks, mask_for_model, reference_layout
@@ -237,9 +238,8 @@ def save_adapter(out_dir: str | os.PathLike, unet: nn.Module, mask: Mask) -> Mas
     if mask.trainable_params not in (None, count):
         raise MaskError(f"mask says {mask.trainable_params} trainable parameters, the UNet has {count}")
     mask = dataclasses.replace(mask, trainable_params=count)
-    tmp = out / f".{ADAPTER_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"mask_digest": mask.digest(), "format": "memcontrol-adapter"})
-    os.replace(tmp, out / ADAPTER_FILE)
+    with atomic.atomic_path(out / ADAPTER_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"mask_digest": mask.digest(), "format": "memcontrol-adapter"})
     mask.save(out / MASK_FILE)
     return mask
 

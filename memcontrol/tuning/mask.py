@@ -12,10 +12,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from memcontrol import atomic
+from memcontrol.errors import UserError
 
 MODES = ("full", "reference")
 GRANULARITIES = ("transformer", "resnet", "sublayer")
@@ -24,7 +26,7 @@ _REQUIRED = ("method", "blocks", "bits", "lr")
 _OPTIONAL = ("mode", "granularity", "options", "trainable_params", "version")
 
 
-class MaskError(ValueError):
+class MaskError(UserError, ValueError):
     """A mask that does not fit the model or method, or a malformed mask file."""
 
 
@@ -204,7 +206,7 @@ class Mask:
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically (temp file + rename)."""
         path = Path(path)
-        atomic_write_bytes(path, self.to_json().encode())
+        atomic.write_text(path, self.to_json())
         return path
 
     @classmethod
@@ -226,18 +228,3 @@ class Mask:
         d.pop("trainable_params")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,238 @@
+"""Fault injection, measured (issue 12 item 8): `memcontrol demo` on the micro configuration
+(tests/micro_params.yaml) is killed with SIGKILL at random moments spread over its stages, then
+rerun to the end; the result must be that of an uninterrupted run with the same seed.
+
+    .venv/bin/python benchmarks/faults.py [--kills 20] [--seed 0] [--work /tmp/faults] \
+        [--out benchmarks/results/faults.json] [--doc docs/reliability.md]
+
+First one uninterrupted run gives the reference and each stage's time window (Prefect's start
+included in the first). Kill moments are drawn stratified: kill i falls in stage i mod 6, uniformly
+inside that stage's window of the reference run. Each kill runs in a fresh copy of the workdir,
+so kills are independent. After a kill, the finished trial and arm records (every `metrics.json`)
+are noted by inode, the demo is rerun to the end, and the benchmark checks:
+
+- final mask (`masks/selected.json`) byte-identical to the reference;
+- `search/trials.csv` byte-identical once the clock columns (`*_seconds`) are dropped;
+- `reports/metrics.json` equal once every `*seconds*` key is dropped;
+- the MLflow store holds as many current runs as the reference's (none duplicated, none lost);
+- no half-written file under a real name (every output is checked to parse), and how many temp
+  files of killed writers (memcontrol.atomic.leftovers) remain;
+- recomputed work: finished records (metrics.json present at the kill) rewritten by the rerun.
+
+The table goes to benchmarks/results/faults.json and, between markers, into docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memcontrol import atomic  # noqa: E402
+
+STAGES = ("prepare", "base", "reference", "search", "finetune", "compare")
+BEGIN, END = "<!-- faults:begin (benchmarks/faults.py writes this table) -->", "<!-- faults:end -->"
+
+
+def fresh(work: Path) -> Path:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "micro_params.yaml", work / "params.yaml")
+    return work
+
+
+def start(work: Path) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(work / ".prefect" / "s")}
+    env.pop("PREFECT_API_URL", None)
+    log = open(work / f"demo-{time.time_ns()}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "-p", str(work / "params.yaml"), "--root",
+                             str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the kill reaches its workers too
+
+
+def run_to_end(work: Path, timeout: float | None = None) -> float | None:
+    """Seconds the demo took to finish, or None if it was still running after `timeout` (a hang)."""
+    t0 = time.perf_counter()
+    proc = start(work)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"demo in {work} failed (exit {proc.returncode}); see {work}/demo-*.log")
+    return time.perf_counter() - t0
+
+
+def no_clock(obj):
+    if isinstance(obj, dict):
+        return {k: no_clock(v) for k, v in obj.items() if "seconds" not in k}
+    return obj
+
+
+def trials_without_clock(work: Path) -> str:
+    df = pd.read_csv(work / "search" / "trials.csv", dtype=str, keep_default_na=False)
+    return df[[c for c in df.columns if "seconds" not in c]].to_csv(index=False)
+
+
+def mlflow_runs(work: Path) -> int:
+    """Runs that are current: not marked superseded by a rerun (tasks/tracking.py)."""
+    with sqlite3.connect(work / "mlflow.db") as db:
+        total = db.execute("select count(*) from runs where lifecycle_stage = 'active'").fetchone()[0]
+        stale = db.execute("select count(*) from tags where key = 'memcontrol_current' and value = 'false'").fetchone()[0]
+    return total - stale
+
+
+def records(work: Path) -> dict[str, int]:
+    """Every finished arm's record (trials, calibration, Stage 2, full FT) -> its inode."""
+    return {str(f.relative_to(work)): f.stat().st_ino for f in work.rglob("metrics.json")
+            if "reports" not in f.parts and "mlruns" not in f.parts}  # mlruns: MLflow's copies, logged again
+
+
+def half_written(work: Path) -> list[str]:
+    """Outputs under their real names that do not parse (JSON, CSV, parquet)."""
+    bad = []
+    for f in work.rglob("*"):
+        if not f.is_file() or atomic.TEMP_MARK in f.name or ".prefect" in f.parts or ".dvc" in f.parts:
+            continue
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".csv":
+                pd.read_csv(f)
+            elif f.suffix == ".parquet":
+                pd.read_parquet(f)
+        except Exception:
+            bad.append(str(f.relative_to(work)))
+    return bad
+
+
+def outcome(work: Path) -> dict:
+    return {"mask": (work / "masks" / "selected.json").read_bytes(), "trials": trials_without_clock(work),
+            "metrics": no_clock(json.loads((work / "reports" / "metrics.json").read_text())),
+            "runs": mlflow_runs(work)}
+
+
+def windows(work: Path, wall: float) -> dict[str, tuple[float, float]]:
+    """Each stage's (start, end) in seconds since the demo started; the Prefect start is before prepare."""
+    secs = json.loads((work / "reports" / "demo_timings.json").read_text())["seconds"]
+    end, out = wall, {}
+    for stage in reversed(STAGES):
+        out[stage] = (end - secs[stage], end)
+        end -= secs[stage]
+    return dict(reversed(list(out.items())))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/memcontrol-faults"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
+    ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")
+    ap.add_argument("--table-from", type=Path, help="a log of an earlier (stopped) run: write its rows' table, run nothing")
+    args = ap.parse_args()
+    if args.table_from:  # the reference line, then one JSON row per finished kill
+        lines = args.table_from.read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.startswith("{")]
+        for r in rows:  # logs written before mlruns/ was left out of `records`
+            r["recomputed_records"] = [x for x in r["recomputed_records"] if not x.startswith("mlruns/")]
+            r["recomputed"] = len(r["recomputed_records"])
+        wall = float(lines[0].split("reference: ")[1].split(" s")[0])
+        atomic.write_text(args.out, json.dumps({"reference_wall_s": wall, "kills": rows, "seed": args.seed,
+                                                "stopped_after": len(rows)}, indent=2) + "\n")
+        write_table(args.doc, rows, wall, args.seed)
+        return
+    rng = random.Random(args.seed)
+
+    ref_dir = fresh(args.work / "reference")
+    wall = run_to_end(ref_dir)
+    ref, win = outcome(ref_dir), windows(ref_dir, wall)
+    print(f"reference: {wall:.0f} s; stage windows {({k: tuple(round(x) for x in v) for k, v in win.items()})}", flush=True)
+
+    rows = []
+    for i in range(args.kills):
+        stage = STAGES[i % len(STAGES)]
+        lo, hi = win[stage]
+        at = rng.uniform(lo, hi)
+        work = fresh(args.work / f"kill{i:02d}")
+        proc = start(work)
+        try:
+            proc.wait(timeout=at)
+            killed = False  # it finished first (a stage shorter on this run than on the reference)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed = True
+        before = records(work)
+        broken_at_kill = half_written(work)
+        leftovers = len(atomic.leftovers(work))
+        t0 = time.perf_counter()
+        if run_to_end(work, timeout=args.rerun_timeout) is None:
+            row = {"kill": i, "stage": stage, "at_s": round(at, 1), "killed": killed, "recovered": False,
+                   "mismatches": ["hung"], "finished_records_at_kill": len(before), "recomputed": 0,
+                   "recomputed_records": [], "half_written_at_kill": broken_at_kill,
+                   "temp_leftovers_at_kill": leftovers, "rerun_s": None, "hung": True}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue  # the workdir stays for a look
+        got = outcome(work)
+        after = records(work)
+        recomputed = sorted(k for k, ino in before.items() if after.get(k) != ino)
+        mismatch = [k for k in ("mask", "trials", "metrics", "runs") if got[k] != ref[k]]
+        row = {"kill": i, "stage": stage, "at_s": round(at, 1), "killed": killed, "recovered": not mismatch,
+               "mismatches": mismatch, "finished_records_at_kill": len(before), "recomputed": len(recomputed),
+               "recomputed_records": recomputed, "half_written_at_kill": broken_at_kill,
+               "temp_leftovers_at_kill": leftovers, "rerun_s": round(time.perf_counter() - t0, 1),
+               "runs": got["runs"], "reference_runs": ref["runs"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(args.out, json.dumps({"reference_wall_s": round(wall, 1), "windows": win, "kills": rows,
+                                            "seed": args.seed}, indent=2) + "\n")
+    write_table(args.doc, rows, wall, args.seed)
+
+
+def write_table(doc: Path, rows: list[dict], wall: float, seed: int) -> None:
+    lines = [f"{len(rows)} kills (seed {seed}), micro configuration, reference run {wall:.0f} s "
+             "(`benchmarks/results/faults.json` has each kill):", "",
+             "| stage | kills | recovered (same mask, trials, metrics, MLflow runs) | finished records at the kill | "
+             "recomputed | half-written files | temp files left by killed writers | mismatches |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        rs = [r for r in rows if r["stage"] == stage and r["killed"]]
+        if not rs:
+            continue
+        mism = sorted({m for r in rs for m in r["mismatches"]})
+        lines.append(f"| {stage} | {len(rs)} | {sum(r['recovered'] for r in rs)} | "
+                     f"{sum(r['finished_records_at_kill'] for r in rs)} | {sum(r['recomputed'] for r in rs)} | "
+                     f"{sum(len(r['half_written_at_kill']) for r in rs)} | {sum(r['temp_leftovers_at_kill'] for r in rs)} | "
+                     f"{', '.join(mism) or '-'} |")
+    text = doc.read_text()
+    if BEGIN in text:
+        head, _, rest = text.partition(BEGIN)
+        text = head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + rest.partition(END)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n## Fault injection, measured\n\n" + BEGIN + "\n" + "\n".join(lines) + "\n" + END + "\n"
+    atomic.write_text(doc, text)
+
+
+if __name__ == "__main__":
+    main()
