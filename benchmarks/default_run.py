@@ -82,7 +82,7 @@ def main() -> None:
         checks.append({"item": item, "what": what, "value": value, "target": target,
                        "verdict": "n/a" if ok is None else ("holds" if ok else "does not hold")})
 
-    base = compare.get("base (no fine-tune)", {})
+    base = compare.get("base", {})
     full = audit.get("full") or compare.get("full", {})
     if base and full:
         ratio = base[KID] / full[KID]
@@ -131,7 +131,7 @@ def main() -> None:
     summary = {"workdir": str(args.workdir), "checks": checks,
                "stage2": {arm: {k: m.get(k) for k in (MEM, MEM + ".std", KID, KID + ".std", "quality.fid",
                                                       "mem.mean_sim", "trainable_pct")}
-                          for arm, m in {**compare, **audit}.items() if isinstance(m, dict)}}
+                          for arm, m in {**compare, **audit}.items() if isinstance(m, dict) and arm != "held-out"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(markdown_table(pd.DataFrame(checks)))
 
