@@ -126,7 +126,7 @@ def similarity(features_a: np.ndarray, features_b: np.ndarray | None = None) -> 
             "nn_p95": float(q95), "nn_max": float(nn.max())}
 
 
-def pixel_correlation(a: list, b: list | None = None, *, size: int = 64) -> dict:
-    """Pearson correlation of grayscale pixels (size x size) among the images `a` (all pairs) or
-    between `a` and `b`; see `similarity` for the statistics returned."""
-    return similarity(pixel_features(a, size=size), None if b is None else pixel_features(b, size=size))
+def pixel_correlation(images: list, others: list | None = None, *, size: int = 64) -> dict:
+    """Pearson correlation of grayscale pixels (size x size) among `images` (all pairs) or between
+    `images` and `others`; see `similarity` for the statistics returned."""
+    return similarity(pixel_features(images, size=size), None if others is None else pixel_features(others, size=size))

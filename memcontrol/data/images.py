@@ -103,13 +103,13 @@ def check_readable(path: str | os.PathLike) -> None:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def resize_crop(a: np.ndarray, size: int) -> np.ndarray:
+def resize_crop(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W) or (H, W, C) float32 in [0, 1] -> (size, size[, C]): short side to `size` with PIL's
     antialiased bicubic filter, then centre crop; clipped back to [0, 1] (bicubic overshoots)."""
-    h, w = a.shape[:2]
+    h, w = image.shape[:2]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    chans = [a] if a.ndim == 2 else [a[..., c] for c in range(a.shape[2])]
+    chans = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[2])]
     out = []
     for ch in chans:
         # mode "F" keeps 16-bit precision through the resize
@@ -118,7 +118,7 @@ def resize_crop(a: np.ndarray, size: int) -> np.ndarray:
             im = im.resize((nw, nh), Image.BICUBIC)
         top, left = (nh - size) // 2, (nw - size) // 2
         out.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32))
-    r = out[0] if a.ndim == 2 else np.stack(out, axis=-1)
+    r = out[0] if image.ndim == 2 else np.stack(out, axis=-1)
     return np.clip(r, 0.0, 1.0)
 
 

@@ -94,13 +94,13 @@ def _dicom_file(s: RealSlice) -> Path:
     return assets.pkgdir("data_store") / "data" / s.file
 
 
-def read_real(s: RealSlice) -> np.ndarray:
+def read_real(real: RealSlice) -> np.ndarray:
     """One real DICOM image (a frame of a multi-frame file) as (H, W) float32 in [0, 1].
 
     Colour (ultrasound) is averaged to gray; MONOCHROME1 is inverted; window: 0.5-99.5 percentiles."""
     import pydicom
 
-    path = _dicom_file(s)
+    path = _dicom_file(real)
     if not path.is_file():
         raise assets.AssetMissing(f"{path} is missing; {assets.SETUP_HINT}")
     try:
@@ -108,8 +108,8 @@ def read_real(s: RealSlice) -> np.ndarray:
         a = ds.pixel_array.astype(np.float32)
     except Exception as e:  # pydicom raises many types
         raise DataError(f"{path}: not a readable DICOM image ({type(e).__name__}: {e})") from e
-    if s.frame is not None:
-        a = a[s.frame]
+    if real.frame is not None:
+        a = a[real.frame]
     if a.ndim == 3:
         a = a.mean(axis=-1)
     lo, hi = np.percentile(a, [0.5, 99.5])
