@@ -74,9 +74,12 @@ class _HeldErrors(logging.Filter):
             logging.getLogger(name).removeFilter(self)
 
     def release(self) -> None:
-        for record in self.held:
+        """Emit the held records (a bug: the user needs Prefect's log). The filters come off first, or
+        each re-emitted record would be held again while the list is walked."""
+        self.__exit__()
+        held, self.held = self.held, []
+        for record in held:
             logging.getLogger(record.name).handle(record)
-        self.held.clear()
 
 
 def user_error(e: BaseException) -> int | None:

@@ -15,6 +15,7 @@ from memcontrol.config import Params, load_params
 from memcontrol.export import export_model
 from memcontrol.tuning import MASK_FILE
 from memcontrol.workdir import Layout
+from memcontrol.errors import MissingInput
 from tasks import tracking
 
 
@@ -23,7 +24,7 @@ def export_task(params: Params, root: str, out: str, seed: int) -> str:
     layout = Layout(Path(root))
     adapter = layout.final / f"seed{seed}"
     if not (adapter / MASK_FILE).exists():
-        raise FileNotFoundError(f"{adapter}: no final model for seed {seed} (final.seeds: {list(params.final.seeds)}); "
+        raise MissingInput(f"{adapter}: no final model for seed {seed} (final.seeds: {list(params.final.seeds)}); "
                                 "run `memcontrol finetune` first")
     base_model = str(params.model.path) if params.model.path is not None else "models/base"
     card = model_card(params, layout, adapter, seed=seed, base_model=base_model)  # before writing: a missing input stops here

@@ -17,6 +17,7 @@ from huggingface_hub import DatasetCardData, ModelCardData
 from memcontrol.config import Params
 from memcontrol.tuning import MASK_FILE, Mask
 from memcontrol.workdir import Layout
+from memcontrol.errors import MissingInput
 
 DEMO_LICENSE = "cc-by-nc-nd-4.0"  # the IU report text, the embedded default's most restrictive part (docs/data.md)
 TABLE = (("trainable %", "trainable_pct", ".3g"), ("flagged (memorized)", "mem.flagged_rate", ".3f"),
@@ -26,13 +27,13 @@ TABLE = (("trainable %", "trainable_pct", ".3g"), ("flagged (memorized)", "mem.f
 
 def read_json(path: Path, made_by: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; `{made_by}` writes it")
+        raise MissingInput(f"{path}: missing; `{made_by}` writes it")
     return json.loads(path.read_text())
 
 
 def manifest_sha256(layout: Layout) -> str:
     if not layout.manifest.is_file():
-        raise FileNotFoundError(f"{layout.manifest}: missing; `memcontrol prepare` writes it")
+        raise MissingInput(f"{layout.manifest}: missing; `memcontrol prepare` writes it")
     return hashlib.sha256(layout.manifest.read_bytes()).hexdigest()
 
 

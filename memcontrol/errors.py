@@ -6,3 +6,7 @@ and keeps its traceback (flows/cli.py). The message must therefore name the file
 
 class UserError(Exception):
     """Bad input, settings or environment: the message is all the user needs to fix it."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A stage's input file is missing: the message names it and the command that writes it."""

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from memcontrol import atomic
+from memcontrol.errors import MissingInput
 
 LOG = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class ReferenceIndex:
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"`{meta_path}` is missing: not a saved ReferenceIndex (or an interrupted save)")
+            raise MissingInput(f"`{meta_path}` is missing: not a saved ReferenceIndex (or an interrupted save)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"`{meta_path}`: format_version {meta.get('format_version')} != {_FORMAT_VERSION}")

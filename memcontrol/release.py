@@ -32,6 +32,7 @@ from memcontrol.reference_index import ReferenceIndex
 from memcontrol.sample import generate, item_seed
 from memcontrol.train import resolve_device
 from memcontrol.workdir import Layout, rows_of, write_json, write_text
+from memcontrol.errors import MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def build_release(params: Params, layout: Layout, out_dir: Path | None = None, *
     out_dir = out_dir or layout.root / "release"
     adapter = layout.final / f"seed{r.seed}"
     if not (adapter / tuning.MASK_FILE).exists():
-        raise FileNotFoundError(f"release: no final model at {adapter} (run `memcontrol finetune`; release.seed={r.seed})")
+        raise MissingInput(f"release: no final model at {adapter} (run `memcontrol finetune`; release.seed={r.seed})")
     ctx = EvalContext(params, layout)
     bundle = load_base(layout, resolve_device(params.train.device))
     mask = tuning.load_adapter(adapter, bundle.unet)

@@ -16,6 +16,7 @@ from memcontrol.report import pareto_plot
 from memcontrol.search import completed
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout, write_csv, write_json
+from memcontrol.errors import MissingInput
 
 
 def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def reference_record(params: Params, layout: Layout) -> dict | None:
         return None
     path = layout.calibration / params.select.quality_reference / "metrics.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the search's calibration arm `{params.select.quality_reference}` is missing "
+        raise MissingInput(f"{path}: the search's calibration arm `{params.select.quality_reference}` is missing "
                                 "(rerun `memcontrol search`)")
     return json.loads(path.read_text())
 

@@ -29,6 +29,7 @@ from memcontrol.evaluate import EvalContext
 from memcontrol.progress import Progress, ticker
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout
+from memcontrol.errors import MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def arm_mask(params: Params, layout: Layout, base: str, selected: Mask | None) -
         return full_mask(params)
     if base == "selected":
         if selected is None:
-            raise FileNotFoundError(f"arm `selected` needs a saved mask ({layout.selected}); run `memcontrol search` first")
+            raise MissingInput(f"arm `selected` needs a saved mask ({layout.selected}); run `memcontrol search` first")
         return selected
     if base == "unmasked" and selected is None:
-        raise FileNotFoundError(f"arm `unmasked` needs a saved mask ({layout.selected}) to know the method")
+        raise MissingInput(f"arm `unmasked` needs a saved mask ({layout.selected}) to know the method")
     method = selected.method if base == "unmasked" else base
     if method not in tuning.METHODS:
         raise ValueError(f"arm base {base!r}: not full, selected, unmasked or a method ({sorted(tuning.METHODS)})")

@@ -17,6 +17,7 @@ from memcontrol.reference import reference
 from memcontrol.reuse import file_digest, finished, make_key
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout, write_json
+from memcontrol.errors import MissingInput
 
 
 def transfer_layout(layout: Layout) -> Layout:
@@ -52,7 +53,7 @@ def run_transfer(params: Params, layout: Layout, *, progress: Progress = None, o
     the arms of transfer.arms; everything under transfer/."""
     mask_path = Path(params.transfer.mask) if params.transfer.mask else layout.selected
     if not mask_path.exists():
-        raise FileNotFoundError(f"transfer: mask {mask_path} not found (run `memcontrol search`, or set transfer.mask)")
+        raise MissingInput(f"transfer: mask {mask_path} not found (run `memcontrol search`, or set transfer.mask)")
     selected = Mask.load(mask_path)
     target = prepare_transfer(params, layout)
     steps = params.transfer.steps or params.final.steps
