@@ -70,7 +70,10 @@ def main() -> None:
         src = args.workdir / rel
         if src.exists():  # release/summary.json -> release_summary.json (summary.json is ours)
             name = "release_summary.json" if rel == "release/summary.json" else Path(rel).name
-            shutil.copyfile(src, out / name)
+            if src.suffix in (".md", ".json", ".csv"):  # this machine's workdir path -> <workdir>
+                (out / name).write_text(src.read_text().replace(str(args.workdir.resolve()), "<workdir>"))
+            else:
+                shutil.copyfile(src, out / name)
 
     compare = _json(args.workdir / "reports/metrics.json")
     audit = _json(args.workdir / "reports/audit_metrics.json")
@@ -128,7 +131,7 @@ def main() -> None:
             check("7", f"bash scripts/demo.sh from a fresh clone, setup {demo['setup_seconds']:.0f} s included (min)",
                   round(with_setup / 60, 1), "<= 16", with_setup <= 16 * 60)
 
-    summary = {"workdir": str(args.workdir), "checks": checks,
+    summary = {"workdir": "<workdir>", "checks": checks,
                "stage2": {arm: {k: m.get(k) for k in (MEM, MEM + ".std", KID, KID + ".std", "quality.fid",
                                                       "mem.mean_sim", "trainable_pct")}
                           for arm, m in {**compare, **audit}.items() if isinstance(m, dict) and arm != "held-out"}}

@@ -2,7 +2,7 @@
 (tests/micro_params.yaml) is killed with SIGKILL at random moments spread over its stages, then
 rerun to the end; the result must be that of an uninterrupted run with the same seed.
 
-    .venv/bin/python benchmarks/faults.py [--kills 20] [--seed 0] [--work /tmp/faults] \
+    .venv/bin/python benchmarks/faults.py [--kills 20] [--seed 0] [--work DIR] \
         [--out benchmarks/results/faults.json] [--doc docs/reliability.md]
 
 First one uninterrupted run gives the reference and each stage's time window (Prefect's start
@@ -33,6 +33,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/memcontrol-faults"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "memcontrol-faults")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")

@@ -3,12 +3,13 @@
 the demo's base data or the pretraining code change; the demo then loads the committed copy instead
 of spending minutes pretraining. Writes benchmarks/results/pretrain_base.json (timings).
 
-Usage: python scripts/pretrain_base.py [--params params.yaml] [--workdir /tmp/pretrain-base]
+Usage: python scripts/pretrain_base.py [--params params.yaml] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import platform
 import time
@@ -30,7 +31,7 @@ from memcontrol.workdir import Layout, read_manifest, rows_of  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/pretrain-base"))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pretrain-base")
     args = ap.parse_args()
     params = load_params(args.params)
     layout = Layout(args.workdir)
