@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memcontrol.audit.statistics import dominance
 from memcontrol.config import load_params
 from memcontrol.report import markdown_table
 
@@ -38,20 +39,6 @@ MEM, KID = "mem.flagged_rate", "quality.kid_mean"
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _dominates_or_ties(a: dict, b: dict, keys: tuple[str, ...]) -> str:
-    """'dominates', 'ties', 'dominated' or 'trade-off'; a difference within the larger seed std is a tie."""
-    diff = np.array([a[k] - b[k] for k in keys])
-    spread = np.array([max(a.get(k + ".std") or 0.0, b.get(k + ".std") or 0.0) for k in keys])
-    tied = np.abs(diff) <= spread
-    if tied.all():
-        return "ties"
-    if ((diff < 0) | tied).all():
-        return "dominates"
-    if ((diff > 0) | tied).all():
-        return "dominated"
-    return "trade-off"
 
 
 def main() -> None:
@@ -114,7 +101,9 @@ def main() -> None:
               s[MEM] <= 0.2 * f[MEM])
         check("5", "selected KID / full KID", round(s[KID] / f[KID], 3), f"<= {1 + tol:g}", s[KID] <= (1 + tol) * f[KID])
         others = [a for a in audit if "+" not in a and a not in ("selected", "full")]
-        outcome = {a: _dominates_or_ties(s, audit[a], (MEM, KID)) for a in ["full", *others]}
+        outcome = {a: dominance(np.array([s[k] - audit[a][k] for k in (MEM, KID)]),  # seed std as the tie band
+                                np.array([max(s.get(k + ".std") or 0.0, audit[a].get(k + ".std") or 0.0) for k in (MEM, KID)]))
+                   for a in ["full", *others]}
         wins = [a for a, v in outcome.items() if v in ("dominates", "ties")]
         check("5", "selected vs each unmasked arm on (flagged, KID): " +
               ", ".join(f"{a} {v}" for a, v in outcome.items()), len(wins),

@@ -59,6 +59,21 @@ def tradeoff(table: pd.DataFrame, mem: str, quality: str) -> pd.DataFrame:
                          "on the arms' front": ["yes" if f else "" for f in front], "dominates": dom})
 
 
+def dominance(diff: np.ndarray, spread: np.ndarray) -> str:
+    """Pareto comparison of arm a with arm b from `diff` = a - b per objective (lower is better) and the
+    seed spread per objective; a difference within the spread is a tie. Returns "dominates" (a better
+    beyond the spread on one objective, tied or better on the rest), "dominated", "ties" (tied on all)
+    or "trade-off"."""
+    tie = np.abs(diff) <= spread
+    if tie.all():
+        return "ties"
+    if ((diff < 0) | tie).all():
+        return "dominates"
+    if ((diff > 0) | tie).all():
+        return "dominated"
+    return "trade-off"
+
+
 def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str,
            quality_tolerance: float = 0.2) -> list[dict]:
     """The paper's claims, checked on this table (means over seeds; Welch t-test p-values over seeds,
@@ -78,24 +93,10 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str,
             return float("nan")
         return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
 
-    def diff_and_ties(arm, other):
+    def outcome(arm, other):
         keys = (mem_key, q_key)
-        diff = np.array([mean.loc[arm, k] - mean.loc[other, k] for k in keys])
-        spread = np.array([max(np.nanstd(vals(arm, k)), np.nanstd(vals(other, k))) for k in keys])
-        return diff, np.abs(diff) <= spread
-
-    def dominates(arm, other):
-        """Better or tied on both objectives, better beyond the seed spread on one (a difference within
-        the larger seed std is a tie)."""
-        diff, tie = diff_and_ties(arm, other)
-        return bool(((diff < 0) | tie).all() and ((diff < 0) & ~tie).any())
-
-    def tied(arm, other):
-        return bool(diff_and_ties(arm, other)[1].all())
-
-    def dominates_in_mean(arm, other):
-        diff = diff_and_ties(arm, other)[0]
-        return bool((diff <= 0).all() and (diff < 0).any())
+        return dominance(np.array([mean.loc[arm, k] - mean.loc[other, k] for k in keys]),
+                         np.array([max(np.nanstd(vals(arm, k)), np.nanstd(vals(other, k))) for k in keys]))
 
     def verdict(diff, p_value):
         if not diff < 0:
@@ -124,15 +125,12 @@ def claims(table: pd.DataFrame, records: list[dict], mem_key: str, q_key: str,
                     "verdict": "holds" if ok else "does not hold"})
     if "selected" in arms:
         for a in methods + (["unmasked"] if "unmasked" in arms else []) + (["full"] if "full" in arms else []):
-            if dominates("selected", a):
-                v = "holds (selected dominates)"
-            elif dominates(a, "selected"):
-                v = "does not hold (dominated)"
-            elif tied("selected", a):
-                v = "tie within the seed spread (means: " + ("selected better on both)" if dominates_in_mean("selected", a)
-                                                            else "neither better on both)")
-            else:
-                v = "trade-off (neither dominates)"
+            diff = np.array([mean.loc["selected", k] - mean.loc[a, k] for k in (mem_key, q_key)])
+            v = {"dominates": "holds (selected dominates)", "dominated": "does not hold (dominated)",
+                 "trade-off": "trade-off (neither dominates)",
+                 "ties": "tie within the seed spread (means: " + ("selected better on both)" if (diff <= 0).all()
+                                                                  and (diff < 0).any() else "neither better on both)"),
+                 }[outcome("selected", a)]
             out.append({"claim": "the searched mask beats each unmasked method on the trade-off",
                         "comparison": f"selected vs {a}",
                         "numbers": f"({mem_key}, {q_key}) = ({mean.loc['selected', mem_key]:.4f}, "
