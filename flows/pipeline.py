@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import parallel
 from memcontrol import search as S
 from memcontrol import study_storage
 from memcontrol.arms import full_mask
@@ -142,7 +143,14 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
                    # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
                    on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
 
-    optimize(evaluate)  # search.workers > 1: flows/parallel.py (next commit)
+    if params.search.workers == 1:
+        optimize(evaluate)
+    else:  # the same loop; each batch's trials run at once, one per Dask worker
+        with parallel.trial_runner(params.search) as runner:
+            optimize(lambda batch: parallel.evaluate(
+                runner, params, workdir, _study_url(params, layout), batch,
+                logged=lambda trial, rec, out: log_trial(params, workdir, parent, f"trial-{trial.number:03d}", rec,
+                                                         out)))
     sel = pareto_and_select(params, layout, study)
     tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
                        [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",

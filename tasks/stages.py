@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from memcontrol import arms, base_model, prepare as prepare_stage, reference as reference_stage
+from memcontrol import arms, base_model, prepare as prepare_stage, reference as reference_stage, study_storage
 from memcontrol.config import Params
 from memcontrol.evaluate import EvalContext
 from memcontrol.tuning import Mask
@@ -58,3 +58,20 @@ def evaluate_base(params: Params, root: str) -> dict:
     layout = Layout(Path(root))
     with bars("base model: ") as progress:
         return arms.evaluate_base(params, layout, EvalContext(params, layout), progress)
+
+
+@task(cache_policy=NO_CACHE, tags=["gpu", "trial"])
+def run_trial(params: Params, root: str, mask_json: str, out_dir: str, *, study_url: str, trial_id: int) -> dict:
+    """One search trial on a Dask worker (search.workers > 1, flows/parallel.py): torch on one
+    thread, and Optuna's heartbeat for the trial in the study while it runs (a worker killed mid-trial
+    stops beating: the search fails the trial and runs it once more, memcontrol/study_storage.py)."""
+    import torch
+    from distributed import get_worker
+
+    torch.set_num_threads(1)
+    try:
+        worker = get_worker().address
+    except ValueError:  # not on a Dask worker
+        worker = None
+    with study_storage.heartbeat(study_url, trial_id, params.search.heartbeat_interval, worker=worker):
+        return run_arm.fn(params, root, mask_json, out_dir, arm="trial", seed=params.seed, steps=params.train.steps)
