@@ -190,9 +190,17 @@ class Search(_Strict):
     @field_validator("storage")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        from memcontrol.study_storage import check_url
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
-        return None if value is None else check_url(value)
+        if value is None:
+            return None
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError("not an SQLAlchemy URL; expected e.g. sqlite:///search/study.db or "
+                             "postgresql+psycopg://user@host:5432/memcontrol") from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "Search":

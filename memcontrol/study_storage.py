@@ -66,16 +66,6 @@ def shown(url: str) -> str:
         return url
 
 
-def check_url(url: str) -> str:
-    """An SQLAlchemy URL (`dialect[+driver]://...`), else ValueError naming what is expected."""
-    try:
-        make_url(url)
-    except ArgumentError:
-        raise ValueError(f"not an SQLAlchemy URL: {url!r}; expected e.g. sqlite:///search/study.db or "
-                         "postgresql+psycopg://user@host:5432/memcontrol") from None
-    return url
-
-
 def open_storage(url: str, *, heartbeat_interval: int, grace_period: int) -> RDBStorage:
     """The study's storage with Optuna's heartbeat and its retry callback (see the module doc)."""
     file = sqlite_file(url)
