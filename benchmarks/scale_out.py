@@ -1,0 +1,269 @@
+"""Scale-out on one machine (issue 13): the same cheap search with 1 worker (in-process, SQLite: the
+default path) and with 2 workers (prefect-dask LocalCluster of 2 single-threaded processes, the study
+in PostgreSQL), torch on 1 thread per worker; trials per hour and the speed-up. Then what the
+coordination costs per trial, without training:
+
+- storage: the ask/tell loop (memcontrol.search.optimize, heartbeats included) with a stand-in
+  evaluation, on the SQLite file and on PostgreSQL: seconds per trial;
+- Dask: a no-op Prefect task run through the search's DaskTaskRunner (flows/parallel.py: the
+  `trial` resource, a LocalCluster of 2 processes), one at a time, against the same task called in
+  the flow's own process; plus the cluster's start-up (paid once per search).
+
+Usage: python benchmarks/scale_out.py [--trials 6] [--steps 60] [--workdir DIR]
+       [--out benchmarks/results/scale_out.json]
+       python benchmarks/scale_out.py --tiny --out /tmp/scale_out_tiny.json   # a check of the script only
+The search runs use params.yaml with search.n_trials, train.steps and search.batch_size (= 2) set;
+--tiny uses tests/micro_params.yaml instead (seconds per trial: overhead dominates, no speed-up to see).
+PostgreSQL (scripts/postgres.sh) and one Prefect server for all runs are started on free ports of
+127.0.0.1 and stopped at the end. Run it on an
+otherwise idle machine: the 2-worker run needs both cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch on one thread: read when torch is imported
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import optuna  # noqa: E402
+import yaml  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from memcontrol import offline  # noqa: E402
+
+offline.apply()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """One Prefect server on 127.0.0.1 for every run (no ephemeral server started per search, so its
+    start-up is in no run's time); its API URL, exported for the searches and this process."""
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "s")}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the Prefect server did not start")
+            time.sleep(1)
+        os.environ["PREFECT_API_URL"] = api
+        yield api
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def base_params(tiny: bool, trials: int, steps: int) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if tiny:
+        params = _merge(params, yaml.safe_load((ROOT / "tests" / "micro_params.yaml").read_text()))
+        params["search"].update(n_trials=trials)
+    else:
+        params["search"].update(n_trials=trials)
+        params["train"].update(steps=steps)
+    params["search"].update(batch_size=2, workers=1, storage=None)
+    return params
+
+
+def prepare_workdir(work: Path, params: dict) -> None:
+    """prepare, base and reference once: every search run starts from a copy."""
+    from memcontrol.base_model import base
+    from memcontrol.config import load_params
+    from memcontrol.prepare import prepare
+    from memcontrol.reference import reference
+    from memcontrol.workdir import Layout
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p, layout = load_params(work / "params.yaml"), Layout(work)
+    prepare(p, layout)
+    base(p, layout)
+    reference(p, layout)
+
+
+def run_search(prepared: Path, work: Path, **search) -> dict:
+    """`memcontrol search` (the CLI, a fresh process) on a copy of the prepared workdir."""
+    shutil.copytree(prepared, work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["search"].update(search)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # PREFECT_API_URL: prefect_server()
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "search", "-p", str(work / "params.yaml"), "--root",
+                        str(work)], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"search {search} failed:\n{(r.stdout + r.stderr)[-4000:]}")
+    storage = search.get("storage") or f"sqlite:///{work / 'search' / 'study.db'}"
+    study = optuna.load_study(study_name=params["search"]["study_name"], storage=storage)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    loop = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    return {"workers": params["search"]["workers"], "storage": "postgresql" if search.get("storage") else "sqlite",
+            "n_trials": len(done), "search_wall_s": round(wall, 1), "trial_loop_s": round(loop, 1),
+            "trials_per_hour": round(len(done) / loop * 3600, 1),
+            "seconds_per_trial_in_worker": round(sum(json.loads(t.user_attrs["record"])["metrics"]["wall_seconds"] for t in done)
+                                                 / len(done), 2)}
+
+
+def storage_overhead(url: str, n: int = 30) -> float:
+    """Seconds per trial of the ask/tell loop itself (heartbeats included), stand-in evaluation."""
+    from memcontrol import search as S
+    from memcontrol import study_storage
+
+    blocks = tuple(f"block{i}" for i in range(18))
+    study = S.open_study(url, f"overhead-{time.time_ns()}", sampler="nsga2", seed=0, population_size=8,
+                         directions=["minimize", "minimize"], heartbeat_interval=10, grace_period=60)
+    make = lambda p: S.mask_of(p, blocks, method="lora", mode="full", granularity="transformer", options={})
+
+    def evaluate(batch):
+        out = []
+        for trial, mask in batch:
+            with study_storage.beating(study, trial._trial_id):
+                out.append(S.Outcome([sum(mask.bits) + mask.lr, len(mask.bits) - sum(mask.bits)], {"bits": mask.bits}))
+        return out
+
+    t0 = time.perf_counter()
+    S.optimize(study, S.search_space(len(blocks), (1e-4, 3e-4, 1e-3)), n_trials=n, batch_size=2, make_mask=make,
+               evaluate=evaluate, seed=0)
+    return (time.perf_counter() - t0) / S.n_finished(study)
+
+
+def dask_overhead(n: int = 20) -> dict:
+    """Per no-op trial: through the search's DaskTaskRunner vs called in the flow's process."""
+    import dask
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows import parallel
+    from memcontrol.config import Search
+
+    @task(cache_policy=NO_CACHE)
+    def noop(i: int) -> int:
+        return i
+
+    @flow(name="scale-out-overhead")
+    def measure() -> dict:
+        noop(-1)
+        t0 = time.perf_counter()
+        for i in range(n):
+            noop(i)
+        local = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        with parallel.trial_runner(Search(workers=2, batch_size=2)) as runner:
+            start = time.perf_counter() - t0
+            with dask.annotate(resources=parallel.RESOURCE):
+                runner.submit(noop, parameters={"i": -1}).result()
+                t1 = time.perf_counter()
+                for i in range(n):
+                    runner.submit(noop, parameters={"i": i}).result()
+                remote = (time.perf_counter() - t1) / n
+        return {"prefect_task_in_process_s": round(local, 4), "prefect_task_on_dask_s": round(remote, 4),
+                "dask_per_trial_s": round(remote - local, 4), "cluster_start_s": round(start, 1)}
+
+    return measure()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=60, help="train.steps of each trial")
+    ap.add_argument("--tiny", action="store_true", help="micro configuration: checks the script, measures nothing")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp folder, removed after")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_out.json")
+    args = ap.parse_args()
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="scale_out-"))
+    os.environ.setdefault("PREFECT_HOME", str(tmp / ".prefect"))
+    pg_dir = tmp / "postgres"
+    t_all = time.perf_counter()
+    url = subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "start", str(pg_dir), str(_free_port())],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    try:
+        params = base_params(args.tiny, args.trials, args.steps)
+        t0 = time.perf_counter()
+        prepare_workdir(tmp / "prepared", params)
+        setup = time.perf_counter() - t0
+        with prefect_server(tmp / ".prefect"):
+            one = run_search(tmp / "prepared", tmp / "w1", workers=1)
+            two = run_search(tmp / "prepared", tmp / "w2", workers=2, storage=url, study_name="scale-out-2")
+            overhead = {
+                "storage_per_trial_s": {"sqlite": round(storage_overhead(f"sqlite:///{tmp / 'overhead.db'}"), 4),
+                                        "postgresql": round(storage_overhead(url), 4)},
+                **dask_overhead(),
+            }
+        overhead["postgresql_minus_sqlite_per_trial_s"] = round(
+            overhead["storage_per_trial_s"]["postgresql"] - overhead["storage_per_trial_s"]["sqlite"], 4)
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "stop", str(pg_dir)], check=False)
+    result = {
+        "setting": ("TINY: micro configuration, a check that the script runs end to end; not a measurement"
+                    if args.tiny else "cheap search: params.yaml with the overrides below"),
+        "command": "python benchmarks/scale_out.py " + " ".join(sys.argv[1:]),
+        "overrides": {"search.n_trials": args.trials, "search.batch_size": 2,
+                      **({} if args.tiny else {"train.steps": args.steps})},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "torch_threads_per_worker": 1,
+        "runs": [one, two],
+        "speedup_trials_per_hour": round(two["trials_per_hour"] / one["trials_per_hour"], 2),
+        "speedup_search_wall": round(one["search_wall_s"] / two["search_wall_s"], 2),
+        "goal_speedup": 1.6,
+        "overhead": overhead,
+        "setup_s": round(setup, 1),
+        "total_wall_s": round(time.perf_counter() - t_all, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.workdir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [("workers", "storage", "trials", "loop s", "trials/h", "s/trial in worker", "search wall s")]
+    rows += [(str(r["workers"]), r["storage"], str(r["n_trials"]), str(r["trial_loop_s"]), str(r["trials_per_hour"]),
+              str(r["seconds_per_trial_in_worker"]), str(r["search_wall_s"])) for r in result["runs"]]
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, width)))
+    print(f"speed-up (trials/h): {result['speedup_trials_per_hour']}x (goal >= 1.6x); "
+          f"search wall: {result['speedup_search_wall']}x")
+    print("overhead per trial:", json.dumps(overhead))
+    print(f"{result['setting']}\nwrote {args.out} ({result['total_wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
