@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from memcontrol import search as S
+from memcontrol import study_storage
 from memcontrol.arms import full_mask
 from memcontrol.base_model import block_list
 from memcontrol.compare import final_arms, summarize, write_comparison
@@ -59,13 +61,19 @@ def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict
                               extra_params={"trial": name})
 
 
+def _study_url(params: Params, layout: Layout) -> str:
+    """search.storage, or the SQLite file search/study.db of the workdir."""
+    return study_storage.resolve_url(params.search.storage, layout.root, layout.study_db)
+
+
 def _open_study(params: Params, layout: Layout, blocks: tuple[str, ...] | None = None):
     """The study; with `blocks` (the search itself) a resume under other settings is refused."""
     directions = [OBJECTIVES[o][1] for o in params.search.objectives]
     settings = None if blocks is None else S.resume_settings(params, blocks)
-    return S.open_study(layout.study_db, params.search.study_name, sampler=params.search.sampler,
+    return S.open_study(_study_url(params, layout), params.search.study_name, sampler=params.search.sampler,
                         seed=params.search.seed, population_size=params.search.population_size, directions=directions,
-                        settings=settings)
+                        settings=settings, heartbeat_interval=params.search.heartbeat_interval,
+                        grace_period=params.search.grace_period)
 
 
 @flow(name="search")
@@ -73,18 +81,22 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The outer loop: ask a batch of masks, fine-tune + score each on val, tell, until n_trials
     distinct configurations are scored (memcontrol.search.optimize; a proposal equal to a scored one
     is answered from it). First the calibration arm (full fine-tuning at the same budget) that the
-    selection rule measures quality against. The study lives in SQLite: a rerun continues it; a
-    second search on the same study file while one runs is refused (memcontrol.search.study_lock)."""
+    selection rule measures quality against. The study lives in SQLite (or search.storage): a rerun
+    continues it; a second search on the same study file while one runs is refused
+    (memcontrol.search.study_lock). search.workers > 1 runs that many trials at once on Dask
+    (flows/parallel.py, docs/scale_out.md)."""
     params, workdir, layout = _setup(params_path, root)
-    with S.study_lock(layout.study_db):
-        return _search(params, workdir, layout)
+    file = study_storage.sqlite_file(_study_url(params, layout))
+    with S.study_lock(file) if file is not None else contextlib.nullcontext():
+        return _search(params, workdir, layout, exclusive=file is not None)
 
 
-def _search(params: Params, workdir: str, layout: Layout) -> dict:
+def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True) -> dict:
     blocks = block_list(params, layout)
     study = _open_study(params, layout, blocks)
     study.set_user_attr("blocks", list(blocks))
-    S.recover_interrupted(study)
+    if exclusive:  # the study file's lock is ours: a RUNNING trial was left by a search that died
+        study_storage.recover_orphans(study)
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
     parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="study",
                                  name=study.study_name,
@@ -112,8 +124,9 @@ def _search(params: Params, workdir: str, layout: Layout) -> dict:
             out = layout.trials / mask.digest()
             trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
             try:
-                rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
-                                steps=params.train.steps)
+                with study_storage.beating(study, trial._trial_id):  # Optuna's heartbeat while it runs
+                    rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
+                                    steps=params.train.steps)
             except Exception as e:  # one broken candidate must not end the study
                 log.exception("trial %d failed", trial.number)
                 outcomes.append(S.Outcome(None, reason=f"{type(e).__name__}: {e}"))
@@ -122,17 +135,21 @@ def _search(params: Params, workdir: str, layout: Layout) -> dict:
             log_trial(params, workdir, parent, f"trial-{trial.number:03d}", rec, str(out))
         return outcomes
 
-    S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
-               make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
-               max_failures=params.search.max_failures,
-               # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
-               on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
+    def optimize(evaluate) -> None:
+        S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
+                   make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
+                   max_failures=params.search.max_failures,
+                   # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
+                   on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
+
+    optimize(evaluate)  # search.workers > 1: flows/parallel.py (next commit)
     sel = pareto_and_select(params, layout, study)
     tracking.log_files(uri, params.tracking.experiment, layout.root, parent,
                        [layout.search / "pareto.csv", layout.search / "trials.csv", layout.search / "pareto.png",
                         layout.selected],
                        metrics={"selected_trial": sel["trial"], "n_complete": S.n_finished(study)}, finish=True)
-    return {"study": str(layout.study_db), "selected": str(layout.selected), "trial": sel["trial"]}
+    url = _study_url(params, layout)
+    return {"study": str(study_storage.sqlite_file(url) or study_storage.shown(url)), "selected": str(layout.selected), "trial": sel["trial"]}
 
 
 @flow(name="select")

@@ -180,9 +180,31 @@ class Search(_Strict):
     max_failures: int = Field(3, ge=1)  # failed trials in a row that stop the search (with the first's cause)
     objectives: tuple[str, str] = ("mem_mean_sim", "kid")
     study_name: str = "memcontrol"
+    # Scale-out (docs/scale_out.md): trials at once, the shared study, how a dead worker is found
+    workers: int = Field(1, ge=1)            # N > 1: N trials at once on Dask, one per worker (1: in-process)
+    dask_address: str | None = None          # an existing Dask scheduler; None: a LocalCluster of `workers` processes
+    storage: str | None = None               # SQLAlchemy URL of the study; None: SQLite search/study.db in the workdir
+    heartbeat_interval: int = Field(10, ge=1)  # s between a running trial's heartbeats in the study
+    grace_period: int = Field(60, ge=1)      # s without a heartbeat before the trial is failed and retried once
+
+    @field_validator("storage")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        from memcontrol.study_storage import check_url
+
+        return None if value is None else check_url(value)
 
     @model_validator(mode="after")
     def _check(self) -> "Search":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"search.grace_period ({self.grace_period}) must exceed search.heartbeat_interval "
+                             f"({self.heartbeat_interval}): a live trial would be taken for a dead one")
+        if self.workers > self.batch_size:
+            raise ValueError(f"search.workers ({self.workers}) exceeds search.batch_size ({self.batch_size}): a batch "
+                             "runs at once, so workers beyond it would idle; set batch_size to a multiple of workers")
+        if self.dask_address is not None and self.workers == 1:
+            raise ValueError("search.dask_address is set but search.workers is 1: set workers to the number of "
+                             "Dask workers (GPUs) the cluster has")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown:
             raise ValueError(f"search.objectives: unknown {unknown}; known: {sorted(OBJECTIVES)}")

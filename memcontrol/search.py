@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import socket
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from memcontrol import study_storage
 from memcontrol.errors import UserError
 from memcontrol.tuning import Mask
 
@@ -43,10 +46,12 @@ def search_space(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
 
 
 def open_study(
-    storage: Path, name: str, *, sampler: str, seed: int, population_size: int, directions: list[str],
-    settings: dict | None = None,
+    storage: Path | str, name: str, *, sampler: str, seed: int, population_size: int, directions: list[str],
+    settings: dict | None = None, heartbeat_interval: int = 10, grace_period: int = 60,
 ) -> optuna.Study:
-    """Create or resume the study in an SQLite file. The storage does not keep the sampler's state,
+    """Create or resume the study in `storage`: an SQLite file (a Path) or an SQLAlchemy URL
+    (PostgreSQL for several machines), opened with Optuna's heartbeat (memcontrol/study_storage.py).
+    The storage does not keep the sampler's state,
     so the sampler's name and seed are recorded as user attrs. If study `name` was made with other
     sampler settings, these settings get their own study `name.<sampler>-seed<seed>-pop<size>` in the
     same file (so `dvc exp run -S search.sampler=random` searches anew and the original study stays
@@ -55,17 +60,17 @@ def open_study(
     raises ResumeError instead of pairing old values with new names."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler `{sampler}`; known: {sorted(SAMPLERS)}")
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{storage.resolve()}"
+    url = f"sqlite:///{Path(storage).resolve()}" if isinstance(storage, Path) else storage
+    rdb = study_storage.open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     attrs = {"sampler": sampler, "seed": seed, "population_size": population_size}
-    if name in {s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False)}:
-        old = optuna.load_study(study_name=name, storage=url).user_attrs
+    if name in {s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)}:
+        old = optuna.load_study(study_name=name, storage=rdb).user_attrs
         if any(old.get(k) not in (None, v) for k, v in attrs.items()):
             log.info("study `%s` was made with other sampler settings; using its sibling for %s", name, attrs)
             name = f"{name}.{sampler}-seed{seed}-pop{population_size}"
     study = optuna.create_study(
         study_name=name,
-        storage=url,
+        storage=rdb,
         directions=directions,
         sampler=SAMPLERS[sampler](seed, population_size),
         load_if_exists=True,
@@ -74,7 +79,7 @@ def open_study(
         if study.user_attrs.get(k) is None:
             study.set_user_attr(k, v)
     if settings is not None:
-        check_resume(study, settings, storage)
+        check_resume(study, settings, study_storage.sqlite_file(url) or study_storage.shown(url))
     return study
 
 
@@ -136,7 +141,7 @@ def resume_settings(params, blocks: tuple[str, ...]) -> dict:
     return json.loads(json.dumps(settings, default=str))  # as the SQLite storage gives it back
 
 
-def check_resume(study: optuna.Study, settings: dict, storage: Path) -> None:
+def check_resume(study: optuna.Study, settings: dict, storage: Path | str) -> None:
     """Record `settings` on a study without trials; on one with trials, refuse any difference,
     naming the key and both values (a study from before settings were recorded has only `blocks`)."""
     stored = study.user_attrs.get("settings") or {}
@@ -155,34 +160,6 @@ def check_resume(study: optuna.Study, settings: dict, storage: Path) -> None:
 
 def _show(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
-def _alive(owner: str) -> bool:
-    host, _, pid = owner.partition(":")
-    if host != socket.gethostname():
-        return True  # another machine's worker: not ours to judge
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-
-
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a killed worker of this host are failed and re-enqueued with the
-    same parameters, so a rerun continues the study instead of losing or restarting them."""
-    redone = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _alive(t.user_attrs.get("owner", "")):
-            continue
-        study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        redone.append(t.number)
-    if redone:
-        log.warning("re-enqueued interrupted trials %s", redone)
-    return redone
 
 
 def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
@@ -221,11 +198,15 @@ def unseen_configuration(study: optuna.Study, space: dict, seed: int) -> dict | 
 
 
 def ask_batch(study: optuna.Study, space: dict, n: int) -> list[optuna.Trial]:
-    trials = []
-    for _ in range(n):
-        t = study.ask(space)
-        t.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
-        trials.append(t)
+    """`n` proposals (a WAITING trial, e.g. the retry of one whose worker died, comes first). Each gets
+    a first heartbeat now, so one that never reaches a worker (the search died first) is found
+    stale too (memcontrol/study_storage.py)."""
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": the
+        warnings.filterwarnings("ignore", "Heartbeat of storage")  # ask/tell loop beats as optimize does
+        trials = [study.ask(space) for _ in range(n)]
+    if study_storage.heartbeat_interval(study) is not None:
+        for t in trials:
+            study._storage.record_heartbeat(t._trial_id)
     return trials
 
 
@@ -266,6 +247,7 @@ class Outcome:
     values: list[float] | None
     record: dict | None = None
     reason: str = ""
+    lost: bool = False  # its worker died: the trial stays RUNNING until the heartbeat fails and retries it
 
 
 def optimize(
@@ -288,11 +270,24 @@ def optimize(
     the reason. `record` of each outcome is kept on the trial (user attr) for the trials table.
     After `max_failures` failed evaluations in a row the search stops with SearchError naming the
     first one's cause (a missing file fails every trial alike; asking again would loop forever).
-    `on_told` is called after each batch is told (e.g. to report progress)."""
+    `on_told` is called after each batch is told (e.g. to report progress).
+
+    A trial whose worker died (outcome `lost`) is not told: before each batch, Optuna's heartbeat
+    check (study_storage.fail_stale) fails it once its grace period is over and enqueues it again
+    with the same parameters. Trials still RUNNING count against the budget until then, so the study
+    ends with exactly `n_trials` scored configurations."""
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
-    while (left := n_trials - n_finished(study)) > 0:
+    while True:
+        study_storage.fail_stale(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        left = n_trials - n_finished(study) - running
+        if left <= 0:
+            if not running:
+                break
+            time.sleep(study_storage.heartbeat_interval(study) or 1)  # until they finish or go stale
+            continue
         if repeats >= MAX_REPEATS and (fresh := unseen_configuration(study, space, seed)) is not None:
             log.warning("the sampler repeated %d scored configurations in a row; trying an unscored one", repeats)
             study.enqueue_trial(fresh)
@@ -314,6 +309,10 @@ def optimize(
             continue
         repeats = 0
         for (trial, mask), outcome in zip(batch, evaluate(batch)):
+            if outcome.lost:
+                log.warning("trial %d lost its worker (%s); it is retried once its heartbeat is stale",
+                            trial.number, outcome.reason)
+                continue
             if outcome.record is not None:
                 trial.set_user_attr("record", json.dumps(outcome.record, default=str))
             tell(study, trial, outcome.values, reason=outcome.reason)

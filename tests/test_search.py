@@ -61,18 +61,43 @@ def test_study_resumes_from_sqlite(tmp_path):
 
 
 def test_interrupted_trial_is_failed_and_retried(tmp_path):
+    """A search that holds the study file's lock recovers every RUNNING trial at once (a search that
+    died left them): failed, and enqueued once more with the same parameters."""
+    from memcontrol import study_storage
+
     st = _study(tmp_path)
     space = S.search_space(len(BLOCKS), LRS)
     t = st.ask(space)
-    t.set_user_attr("owner", f"{socket.gethostname()}:999999999")  # a worker that no longer exists
-    live = st.ask(space)
-    live.set_user_attr("owner", "another-host:1")  # someone else's: left alone
-    redone = S.recover_interrupted(st)
-    assert redone == [t.number]
-    states = {x.number: x.state for x in st.trials}
-    assert states[t.number] == TrialState.FAIL and states[live.number] == TrialState.RUNNING
+    assert study_storage.recover_orphans(st) == [t.number]
+    assert st.trials[t.number].state == TrialState.FAIL
     retry = st.ask(space)
-    assert retry.params == t.params and retry.user_attrs["retry_of"] == t.number
+    assert retry.params == t.params and study_storage.retried_from(st.trials[retry.number]) == t.number
+    st.tell(retry, state=TrialState.FAIL)
+    # a retry whose worker died too is not retried again (RetryHeartbeatStaleTrialCallback(max_retry=1))
+    again = st.ask(space)
+    assert study_storage.recover_orphans(st) == [again.number]
+    assert len(st.get_trials(states=(TrialState.WAITING,))) == 1
+    assert study_storage.recover_orphans(st) == []
+
+
+def test_a_trial_without_heartbeat_is_retried_once_by_optuna(tmp_path):
+    """The heartbeat path (any storage, no lock): a trial whose heartbeat stopped for the grace period
+    is failed by optuna.storages.fail_stale_trials and re-enqueued by the retry callback; one still
+    beating is left alone. Real waits of a few seconds (heartbeat 1 s, grace 2 s)."""
+    import time
+
+    from memcontrol import study_storage
+
+    st = S.open_study(tmp_path / "study.db", "s", sampler="nsga2", seed=0, population_size=4,
+                      directions=["minimize", "minimize"], heartbeat_interval=1, grace_period=2)
+    space = S.search_space(len(BLOCKS), LRS)
+    dead, alive = S.ask_batch(st, space, 2)  # each gets its first heartbeat at ask
+    with study_storage.beating(st, alive._trial_id):
+        time.sleep(3.5)
+        assert study_storage.fail_stale(st) == [dead.number]
+    assert st.trials[alive.number].state == TrialState.RUNNING
+    retry = st.ask(space)
+    assert retry.params == dead.params and study_storage.retried_from(st.trials[retry.number]) == dead.number
 
 
 def test_nan_is_failed_with_reason(tmp_path):
