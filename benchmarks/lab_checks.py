@@ -36,12 +36,20 @@ def summarize_level(workers: int, n_trials: int, seconds: float, out: dict) -> d
     phases = [b["received"] - b["submitted"] - seconds for b in batches]
     parallel = _mean(phases)
     overhead = workers * wall / n - seconds
+    # steady state: a batch's cycle from one evaluate's start to the next (the last to the loop's
+    # end), leaving out the first batch, which pays each worker's first Prefect task run
+    starts = [b["start"] for b in batches] + [out["end"]]
+    cycles = [(b - a) * workers / size for a, b, size in zip(starts, starts[1:], (b["size"] for b in batches))]
+    steady = _mean(cycles[1:]) - seconds if len(cycles) > 1 else None
     asks = timers["ask"]
     return {
         "workers": workers, "n_trials": n_trials, "evaluated": n, "batches": len(batches),
         "wall_seconds": round(wall, 2), "ideal_seconds": round(len(batches) * seconds, 2),
         "trials_per_hour": round(3600 * n / wall, 1),
         "overhead_per_trial": round(overhead, 3),
+        "overhead_per_trial_first_batch": round(cycles[0] - seconds, 3),
+        "overhead_per_trial_steady": None if steady is None else round(steady, 3),
+        "driver_cpu_per_trial": round(out["driver_cpu"] / n, 4),
         "serial_per_trial": {k: round(v, 4) for k, v in serial.items()},
         "serial_total_per_trial": round(sum(serial.values()), 4),
         "contribution": {**{k: round(workers * v, 3) for k, v in serial.items()}, "parallel_phase": round(parallel, 3)},
@@ -138,10 +146,13 @@ def model(levels: list[dict], target_seconds: float) -> dict:
     top = levels[-1]
     s, latency = top["serial_total_per_trial"], top["parallel_phase"]
     w = np.array([lv["workers"] for lv in levels], float)
-    o = np.array([lv["overhead_per_trial"] for lv in levels], float)
+    steady = lambda lv: lv["overhead_per_trial_steady"] if lv["overhead_per_trial_steady"] is not None \
+        else lv["overhead_per_trial"]  # noqa: E731
+    o = np.array([steady(lv) for lv in levels], float)
     slope, intercept = np.polyfit(w, o, 1) if len(levels) > 1 else (s, latency)
-    reached = [lv["workers"] for lv in levels if lv["overhead_per_trial"] >= target_seconds]
-    share = {k: v / top["overhead_per_trial"] for k, v in top["contribution"].items()}
+    reached = [lv["workers"] for lv in levels if steady(lv) >= target_seconds]
+    share = {k: v / sum(top["contribution"].values()) for k, v in top["contribution"].items()}
+    cpu = top["driver_cpu_per_trial"]
     return {
         "target_seconds": target_seconds,
         "reached_at_measured_workers": reached[0] if reached else None,
@@ -150,6 +161,9 @@ def model(levels: list[dict], target_seconds: float) -> dict:
         "fit": {"intercept": round(float(intercept), 3), "slope_per_worker": round(float(slope), 4)},
         "bottleneck": max(top["contribution"], key=top["contribution"].get),
         "share_at_top_level": {k: round(v, 3) for k, v in share.items()},
+        # the driver's own CPU seconds per trial: what its serial work would cost on an idle machine
+        # (waits on the databases and servers excluded, so an optimistic bound)
+        "workers_at_target_driver_cpu_only": round((target_seconds - max(latency, 0.0)) / cpu, 1) if cpu > 0 else None,
         "pipelined_driver_saturation_workers_60s": round(60 / s, 0) if s > 0 else None,
     }
 
@@ -157,8 +171,9 @@ def model(levels: list[dict], target_seconds: float) -> dict:
 def render(result: dict) -> str:
     ms = lambda x: f"{1000 * x:.0f}"  # noqa: E731
     lines = ["| workers | trials | wall s | trials/h | overhead/trial s | % of 60 s | ask ms | tell ms | other storage ms"
-             " | Prefect submit ms | MLflow ms | parallel phase − T s | dispatch s | checks |",
-             "|" + "---|" * 14]
+             " | Prefect submit ms | MLflow ms | parallel phase − T s | dispatch s | steady overhead/trial s"
+             " | driver CPU ms/trial | checks |",
+             "|" + "---|" * 16]
     extra = [result["mlflow_on_workers"]] if "mlflow_on_workers" in result else []
     for lv in result["levels"] + extra:
         sp = lv["serial_per_trial"]
@@ -167,11 +182,13 @@ def render(result: dict) -> str:
                      f"{lv['overhead_per_trial']:.2f} | {100 * lv['overhead_per_trial'] / 60:.1f} | {ms(sp['ask'])} | "
                      f"{ms(sp['tell'])} | {ms(sp['storage_other'])} | {ms(sp['prefect_submit'])} | {ms(sp['mlflow'])} | "
                      f"{lv['parallel_phase']:.2f} | {lv['latency_mean']['dispatch']:.2f} | "
-                     f"{'ok' if lv['checks']['ok'] else 'FAILED'} |")
+                     f"{'-' if lv['overhead_per_trial_steady'] is None else format(lv['overhead_per_trial_steady'], '.2f')} | "
+                     f"{ms(lv['driver_cpu_per_trial'])} | {'ok' if lv['checks']['ok'] else 'FAILED'} |")
     m = result["model"]
     lines += ["", f"Model: overhead/trial = L + W·s. 5 % of a 60 s trial ({m['target_seconds']:.0f} s) is reached at "
               f"W ≈ {m['workers_at_target_top_level_costs']} (costs at the largest level), "
-              f"W ≈ {m['workers_at_target_linear_fit']} (line through all levels); measured: "
+              f"W ≈ {m['workers_at_target_linear_fit']} (line through all levels), W ≈ {m['workers_at_target_driver_cpu_only']} "
+              f"(the driver's CPU time only, an idle machine's bound); measured: "
               f"{m['reached_at_measured_workers'] or 'not reached'}. Bottleneck: {m['bottleneck']}.", ""]
     w = result.get("writers", {})
     if w:

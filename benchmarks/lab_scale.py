@@ -164,14 +164,14 @@ def lab_search(workers: int, n_trials: int, storage_url: str, params_path: str, 
                         "size": len(batch)})
         return outcomes
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     try:
         S.optimize(study, space=S.search_space(len(SD15_BLOCKS), params.search.learning_rates), n_trials=n_trials,
                    batch_size=workers, make_mask=make_mask, evaluate=_timed(evaluate, timers["evaluate"]), seed=0)
     finally:
         tracking.log_child = original_log_child
-    wall = time.time() - t0
-    return {"wall": wall, "timers": timers, "trials": trials, "batches": batches, "parent": parent,
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
+    return {"wall": wall, "driver_cpu": cpu, "end": time.time(), "timers": timers, "trials": trials, "batches": batches, "parent": parent,
             "study": study.study_name, "flow_run_id": str(flow_run.id)}
 
 
@@ -186,12 +186,15 @@ def _params_file(workdir: Path, mlflow_uri: str) -> Path:
     return path
 
 
-def _warm() -> None:
-    """What a worker imports for its first trial, before the timed run (a lab's workers are long-lived)."""
+def _warm(storage_url: str) -> None:
+    """What a worker imports and opens for its first trial, before the timed run (a lab's workers
+    are long-lived): the modules and its connection to the study."""
     import optuna  # noqa: F401
     import prefect.task_engine  # noqa: F401
 
-    import memcontrol.study_storage  # noqa: F401
+    from memcontrol import study_storage as storage
+
+    storage._worker_storage(storage_url, HEARTBEAT_INTERVAL)
 
 
 def run_level(workers: int, args, storage_url: str, params_path: Path, workdir: Path, n_trials: int,
@@ -206,7 +209,7 @@ def run_level(workers: int, args, storage_url: str, params_path: Path, workdir: 
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
                                dashboard_address=None)
         client = Client(cluster)
-        client.run(_warm)
+        client.run(_warm, storage_url)
     startup = time.time() - t0
     runner = DaskTaskRunner(address=cluster.scheduler_address)
     out = lab_search.with_options(task_runner=runner)(workers, n_trials, storage_url, str(params_path), str(workdir),
@@ -230,7 +233,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="services' data (default: a new temporary folder)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lab_scale.json"))
     args = ap.parse_args()
-    from lab_checks import model, render
     from lab_services import Services
     from lab_writers import writers
 
@@ -253,23 +255,32 @@ def main() -> None:
         for workers in levels:
             if cluster is not None:
                 client.close(), cluster.close()
+                time.sleep(5)
             n_trials = args.top_trials if workers == max(levels) else args.batches * workers
             level, cluster, client = run_level(workers, args, storage_url, params_path, workdir, n_trials)
             result["levels"].append(level)
+            _write(result, args.out)  # a partial result survives an interrupted run
             print(json.dumps({k: level[k] for k in ("workers", "n_trials", "wall_seconds", "overhead_per_trial")}),
                   flush=True)
         if args.worker_logging_trials:  # the same cluster, MLflow children logged by the workers
             result["mlflow_on_workers"], _, _ = run_level(levels[-1], args, storage_url, params_path, workdir,
                                                           args.worker_logging_trials, True, cluster, client)
+            _write(result, args.out)
         if args.writer_rounds:
             result["writers"] = writers(client, services, workdir, args.writer_rounds)
         client.close(), cluster.close()
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["machine"]["wall_minutes"] = round((time.time() - t_start) / 60, 1)
-    result["model"] = model(result["levels"], target_seconds=0.05 * 60)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
-    Path(args.out).with_suffix(".md").write_text(render(result))
+    _write(result, args.out)
     print(Path(args.out).with_suffix(".md").read_text())
+
+
+def _write(result: dict, out: str) -> None:
+    from lab_checks import model, render
+
+    result["model"] = model(result["levels"], target_seconds=0.05 * 60)
+    Path(out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    Path(out).with_suffix(".md").write_text(render(result))
 
 
 if __name__ == "__main__":

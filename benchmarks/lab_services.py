@@ -104,7 +104,7 @@ class Services:
         _wait_http(f"{url}/health", proc, log)
         return url
 
-    def mlflow(self, name: str, backend_uri: str, workers: int = 4) -> str:
+    def mlflow(self, name: str, backend_uri: str, workers: int = 2) -> str:
         """`mlflow server` with `backend_uri` as its backend store; returns the tracking URI."""
         port = free_port()
         proc, log = self._start(f"mlflow-{name}", [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
