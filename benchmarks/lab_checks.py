@@ -156,15 +156,19 @@ def model(levels: list[dict], target_seconds: float) -> dict:
     return {
         "target_seconds": target_seconds,
         "reached_at_measured_workers": reached[0] if reached else None,
-        "workers_at_target_top_level_costs": round((target_seconds - latency) / s, 1) if s > 0 else None,
-        "workers_at_target_linear_fit": round((target_seconds - intercept) / slope, 1) if slope > 0 else None,
+        # 0: the parallel phase (or the intercept) alone is over the target already
+        "workers_at_target_top_level_costs": round(max(0.0, (target_seconds - latency) / s), 1) if s > 0 else None,
+        "workers_at_target_linear_fit": round(max(0.0, (target_seconds - intercept) / slope), 1) if slope > 0 else None,
         "fit": {"intercept": round(float(intercept), 3), "slope_per_worker": round(float(slope), 4)},
         "bottleneck": max(top["contribution"], key=top["contribution"].get),
         "share_at_top_level": {k: round(v, 3) for k, v in share.items()},
         # the driver's own CPU seconds per trial: what its serial work would cost on an idle machine
-        # (waits on the databases and servers excluded, so an optimistic bound)
-        "workers_at_target_driver_cpu_only": round((target_seconds - max(latency, 0.0)) / cpu, 1) if cpu > 0 else None,
+        # (waits on the databases and servers and the parallel phase left out: an optimistic bound)
+        "workers_at_target_driver_cpu_only": round(target_seconds / cpu, 1) if cpu > 0 else None,
+        # a loop that asks a trial whenever one ends (no batch barrier) keeps W workers busy while the
+        # driver's serial work for W trials fits in one trial: W = 60 s / s
         "pipelined_driver_saturation_workers_60s": round(60 / s, 0) if s > 0 else None,
+        "pipelined_driver_saturation_workers_60s_driver_cpu_only": round(60 / cpu, 0) if cpu > 0 else None,
     }
 
 

@@ -232,7 +232,16 @@ def main() -> None:
     ap.add_argument("--writer-rounds", type=int, default=4, help="ask/tell + MLflow child per writer per backend")
     ap.add_argument("--workdir", default=None, help="services' data (default: a new temporary folder)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lab_scale.json"))
+    ap.add_argument("--writers-only", type=int, default=0,
+                    help="only the concurrent-writers comparison with this many writers, added to --out")
+    ap.add_argument("--render", action="store_true", help="only recompute the model and table of --out")
     args = ap.parse_args()
+    if args.writers_only:
+        return writers_only(args)
+    if args.render:
+        _write(json.loads(Path(args.out).read_text()), args.out)
+        print(Path(args.out).with_suffix(".md").read_text())
+        return
     from lab_services import Services
     from lab_writers import writers
 
@@ -272,6 +281,30 @@ def main() -> None:
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["machine"]["wall_minutes"] = round((time.time() - t_start) / 60, 1)
     _write(result, args.out)
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+def writers_only(args) -> None:
+    """The SQLite / PostgreSQL comparison on its own cluster, merged into an earlier result."""
+    from distributed import Client, LocalCluster
+
+    from lab_services import Services
+    from lab_writers import writers
+
+    result = json.loads(Path(args.out).read_text())
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lab_writers_"))
+    result["writers"] = {}
+    result["machine"]["loadavg_writers_start"] = os.getloadavg()
+    with Services(workdir) as services:
+        services.postgres()
+        cluster = LocalCluster(n_workers=args.writers_only, threads_per_worker=1, processes=True, memory_limit=0,
+                               dashboard_address=None)
+        client = Client(cluster)
+        try:
+            writers(client, services, workdir, args.writer_rounds,
+                    on_config=lambda name, out: (result["writers"].__setitem__(name, out), _write(result, args.out)))
+        finally:
+            client.close(), cluster.close()
     print(Path(args.out).with_suffix(".md").read_text())
 
 

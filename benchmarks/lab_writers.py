@@ -108,15 +108,17 @@ def run_config(client, study_url: str, mlflow_uri: str, root: Path, rounds: int,
             "lost_or_extra": f"study {stored_trials - st['ok']:+d}, MLflow {stored_runs - ml['ok']:+d}"}
 
 
-def writers(client, services, workdir: Path, rounds: int) -> dict:
+def writers(client, services, workdir: Path, rounds: int, on_config=None) -> dict:
     out = {}
     sqlite_server = services.mlflow("sqlite", f"sqlite:///{workdir / 'mlflow-writers.db'}")
     configs = {
         "sqlite": (f"sqlite:///{workdir / 'writers-a.db'}", sqlite_server),
-        "sqlite-direct": (f"sqlite:///{workdir / 'writers-b.db'}", f"sqlite:///{workdir / 'mlflow-direct.db'}"),
         "postgresql": (services.database("writers"), services.mlflow("writers", services.database("mlflow_writers"))),
+        "sqlite-direct": (f"sqlite:///{workdir / 'writers-b.db'}", f"sqlite:///{workdir / 'mlflow-direct.db'}"),
     }
     for name, (study_url, mlflow_uri) in configs.items():
         out[name] = run_config(client, study_url, mlflow_uri, workdir, rounds)
         print(name, {k: out[name][k] for k in ("wall_seconds", "errors", "lost_or_extra")}, flush=True)
+        if on_config is not None:  # saved as each backend is done
+            on_config(name, out[name])
     return out

@@ -41,7 +41,7 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-4000:]}"
@@ -92,7 +92,7 @@ def test_serve_registers_every_flow_and_runs_a_deployment_started_through_the_ap
     try:
         with temporary_settings({PREFECT_API_URL: server}):
             with get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 180
+                deadline = time.monotonic() + 300
                 while True:  # serve registers the deployments, then starts polling
                     assert serving.poll() is None, f"memcontrol serve exited:\n{log.read_text()[-4000:]}"
                     names = {client.read_flow(d.flow_id).name for d in client.read_deployments()
