@@ -211,6 +211,26 @@ def demo(params: str = ParamsOpt, root: str = RootOpt):
     summary(params, root, wall=time.perf_counter() - t0)
 
 
+@app.command()
+def serve(params: str = ParamsOpt, root: str = RootOpt,
+          cron: list[str] = typer.Option([], "--cron", help='put a flow on a schedule: FLOW=CRON, e.g. "search=0 2 * * *" (repeatable)'),
+          limit: int = typer.Option(1, "--limit", help="flow runs executed at once by this process")):
+    """Register every flow as a deployment on the Prefect server at PREFECT_API_URL and run what the
+    UI (or a schedule, or the API) starts, until Ctrl-C."""
+    from flows import serve as deploy
+    from memcontrol.config import ConfigError, load_params
+
+    _logging()
+    try:
+        load_params(params)
+        schedules = deploy.parse_schedules(cron)
+        deploy.serve(params, root, schedules, limit)
+    except ConfigError as e:
+        _fail("serve", e, 2)
+    except deploy.ServeError as e:
+        _fail("serve", e, 2)
+
+
 def summary(params: str, root: str | None, wall: float | None = None):
     from rich.console import Console
     from rich.table import Table

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -97,15 +99,16 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     }
     for i, (b, x) in enumerate(zip(mask["blocks"], mask["bits"])):
         params[f"bit.{b}"] = x
-    for k, v in params.items():
-        client.log_param(rid, k, str(v)[:6000])
     metrics = record["metrics"]
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and v == v:
-            client.log_metric(rid, k, float(v))
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
     for objective, (key, _direction) in OBJECTIVES.items():  # under the names search.objectives uses
-        if isinstance(metrics.get(key), (int, float)) and metrics[key] == metrics[key]:
-            client.log_metric(rid, f"objective.{objective}", float(metrics[key]))
+        if key in values:
+            values[f"objective.{objective}"] = values[key]
+    # one request for all params and metrics (one per value took ~3 s a trial against a tracking
+    # server on a busy machine: the search's serial bottleneck, benchmarks/lab_scale.py)
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in values.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_text(rid, json.dumps(mask, indent=2, sort_keys=True), "mask.json")
     _log(client, rid, artifacts)
     client.set_terminated(rid, "FINISHED")
