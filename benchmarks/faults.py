@@ -15,11 +15,13 @@ are noted by inode, the demo is rerun to the end, and the benchmark checks:
 - `search/trials.csv` byte-identical once the clock columns (`*_seconds`) are dropped;
 - `reports/metrics.json` equal once every `*seconds*` key is dropped;
 - the MLflow store holds as many current runs as the reference's (none duplicated, none lost);
-- no half-written file under a real name (every output is checked to parse), and how many temp
-  files of killed writers (memcontrol.atomic.leftovers) remain;
+- no half-written file under a real name (every output is checked to parse), at the kill and after
+  the rerun; temp files of killed writers (memcontrol.atomic.leftovers) are counted at the kill and
+  must be gone after the rerun (every `memcontrol` command removes those of dead writers);
 - recomputed work: finished records (metrics.json present at the kill) rewritten by the rerun.
 
-The table goes to benchmarks/results/faults.json and, between markers, into docs/reliability.md.
+Every kill goes to benchmarks/results/faults.json; the table in docs/reliability.md (between
+markers) is written from that JSON (`--table-only` rewrites it from the JSON alone).
 """
 
 from __future__ import annotations
@@ -147,7 +149,11 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")
     ap.add_argument("--table-from", type=Path, help="a log of an earlier (stopped) run: write its rows' table, run nothing")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table in --doc from the JSON --out, run nothing")
     args = ap.parse_args()
+    if args.table_only:
+        write_table(args.doc, json.loads(args.out.read_text()))
+        return
     if args.table_from:  # the reference line, then one JSON row per finished kill
         lines = args.table_from.read_text().splitlines()
         rows = [json.loads(x) for x in lines if x.startswith("{")]
@@ -157,18 +163,20 @@ def main() -> None:
         wall = float(lines[0].split("reference: ")[1].split(" s")[0])
         atomic.write_text(args.out, json.dumps({"reference_wall_s": wall, "kills": rows, "seed": args.seed,
                                                 "stopped_after": len(rows)}, indent=2) + "\n")
-        write_table(args.doc, rows, wall, args.seed)
+        write_table(args.doc, json.loads(args.out.read_text()))
         return
     rng = random.Random(args.seed)
+    started = time.perf_counter()
 
     ref_dir = fresh(args.work / "reference")
     wall = run_to_end(ref_dir)
     ref, win = outcome(ref_dir), windows(ref_dir, wall)
     print(f"reference: {wall:.0f} s; stage windows {({k: tuple(round(x) for x in v) for k, v in win.items()})}", flush=True)
 
-    rows = []
-    for i in range(args.kills):
-        stage = STAGES[i % len(STAGES)]
+    rows, landed, i = [], 0, -1
+    while landed < args.kills and i < 2 * args.kills:  # a run that finishes before its moment is drawn again
+        i += 1
+        stage = STAGES[landed % len(STAGES)]
         lo, hi = win[stage]
         at = rng.uniform(lo, hi)
         work = fresh(args.work / f"kill{i:02d}")
@@ -180,6 +188,11 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             killed = True
+            landed += 1
+        if not killed:
+            rows.append({"kill": i, "stage": stage, "at_s": round(at, 1), "killed": False})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         before = records(work)
         broken_at_kill = half_written(work)
         leftovers = len(atomic.leftovers(work))
@@ -188,44 +201,67 @@ def main() -> None:
             row = {"kill": i, "stage": stage, "at_s": round(at, 1), "killed": killed, "recovered": False,
                    "mismatches": ["hung"], "finished_records_at_kill": len(before), "recomputed": 0,
                    "recomputed_records": [], "half_written_at_kill": broken_at_kill,
-                   "temp_leftovers_at_kill": leftovers, "rerun_s": None, "hung": True}
+                   "temp_leftovers_at_kill": leftovers, "rerun_s": None, "hung": True,
+                   "half_written_after_rerun": [], "temp_leftovers_after_rerun": None}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(args, {"reference_wall_s": round(wall, 1), "windows": win, "kills": rows, "seed": args.seed,
+                        "kills_asked": args.kills, "partial": True})
             continue  # the workdir stays for a look
         got = outcome(work)
         after = records(work)
         recomputed = sorted(k for k, ino in before.items() if after.get(k) != ino)
+        broken_after, left_after = half_written(work), [str(p.relative_to(work)) for p in atomic.leftovers(work)]
         mismatch = [k for k in ("mask", "trials", "metrics", "runs") if got[k] != ref[k]]
+        mismatch += ["half-written file"] * bool(broken_after) + ["temp file left"] * bool(left_after)
         row = {"kill": i, "stage": stage, "at_s": round(at, 1), "killed": killed, "recovered": not mismatch,
                "mismatches": mismatch, "finished_records_at_kill": len(before), "recomputed": len(recomputed),
                "recomputed_records": recomputed, "half_written_at_kill": broken_at_kill,
                "temp_leftovers_at_kill": leftovers, "rerun_s": round(time.perf_counter() - t0, 1),
-               "runs": got["runs"], "reference_runs": ref["runs"]}
+               "runs": got["runs"], "reference_runs": ref["runs"], "half_written_after_rerun": broken_after,
+               "temp_leftovers_after_rerun": left_after}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save(args, {"reference_wall_s": round(wall, 1), "windows": win, "kills": rows, "seed": args.seed,
+                    "kills_asked": args.kills, "partial": True})  # an interrupted benchmark keeps what it measured
         shutil.rmtree(work, ignore_errors=True)
 
+    total = time.perf_counter() - started
+    result = {"reference_wall_s": round(wall, 1), "benchmark_wall_s": round(total, 1), "windows": win, "kills": rows,
+              "seed": args.seed, "kills_asked": args.kills}
+    save(args, result)
+    write_table(args.doc, result)
+
+
+def save(args, result: dict) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(args.out, json.dumps({"reference_wall_s": round(wall, 1), "windows": win, "kills": rows,
-                                            "seed": args.seed}, indent=2) + "\n")
-    write_table(args.doc, rows, wall, args.seed)
+    atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
-def write_table(doc: Path, rows: list[dict], wall: float, seed: int) -> None:
-    lines = [f"{len(rows)} kills (seed {seed}), micro configuration, reference run {wall:.0f} s "
-             "(`benchmarks/results/faults.json` has each kill):", "",
+def write_table(doc: Path, result: dict) -> None:
+    rows, wall = result["kills"], result["reference_wall_s"]
+    total = f", whole benchmark {result['benchmark_wall_s'] / 60:.0f} min" if "benchmark_wall_s" in result else ""
+    landed = sum(r["killed"] for r in rows)
+    partial = " (stopped early: partial)" if result.get("partial") else ""
+    lines = [f"{landed} kills{partial} (seed {result['seed']}), micro configuration, reference run "
+             f"{wall:.0f} s{total} (`benchmarks/results/faults.json` has each kill):", "",
              "| stage | kills | recovered (same mask, trials, metrics, MLflow runs) | finished records at the kill | "
-             "recomputed | half-written files | temp files left by killed writers | mismatches |",
+             "recomputed | half-written files at the kill / after the rerun | temp files at the kill / after the rerun "
+             "| mismatches |",
              "|---|---|---|---|---|---|---|---|"]
     for stage in STAGES:
         rs = [r for r in rows if r["stage"] == stage and r["killed"]]
         if not rs:
             continue
         mism = sorted({m for r in rs for m in r["mismatches"]})
+        after = sum(len(r.get("half_written_after_rerun") or []) for r in rs)
+        left = sum(len(r.get("temp_leftovers_after_rerun") or []) for r in rs)
         lines.append(f"| {stage} | {len(rs)} | {sum(r['recovered'] for r in rs)} | "
                      f"{sum(r['finished_records_at_kill'] for r in rs)} | {sum(r['recomputed'] for r in rs)} | "
-                     f"{sum(len(r['half_written_at_kill']) for r in rs)} | {sum(r['temp_leftovers_at_kill'] for r in rs)} | "
-                     f"{', '.join(mism) or '-'} |")
+                     f"{sum(len(r['half_written_at_kill']) for r in rs)} / {after} | "
+                     f"{sum(r['temp_leftovers_at_kill'] for r in rs)} / {left} | {', '.join(mism) or '-'} |")
+    if landed < len(rows):
+        lines += ["", f"{len(rows) - landed} more run(s) finished before their kill moment and were drawn again."]
     text = doc.read_text()
     if BEGIN in text:
         head, _, rest = text.partition(BEGIN)

@@ -55,7 +55,7 @@ def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict
     """One MLflow child run per trial (and per calibration arm)."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
     return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
-                              record=record, artifacts=[Path(trial_dir) / "grid.png"],
+                              record=record, artifacts=[Path(trial_dir) / "grid.png", Path(trial_dir) / "samples.png"],
                               extra_params={"trial": name})
 
 
