@@ -17,3 +17,20 @@ def micro_project(tmp_path_factory):
     out = shell(readme_block("### DVC", "dvc repro compare"), project)
     shell("source scripts/env.sh\nmemcontrol export models/export\nmemcontrol release", project)
     return project, out
+
+
+@pytest.fixture(scope="session")
+def micro_searched(tmp_path_factory):
+    """A micro workdir prepared up to the search (`prepared`, for copies) and a copy searched once,
+    uninterrupted, by `memcontrol search` (`searched`). Shared by the determinism and fault tests."""
+    import shutil
+
+    from micro_workdir import cli, prepared as prepare_workdir
+
+    top = tmp_path_factory.mktemp("micro_search")
+    prepared = prepare_workdir(top / "prepared")
+    searched = top / "searched"
+    shutil.copytree(prepared, searched)
+    run = cli(searched, "search")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return prepared, searched
