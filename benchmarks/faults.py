@@ -5,11 +5,11 @@ rerun to the end; the result must be that of an uninterrupted run with the same 
     .venv/bin/python benchmarks/faults.py [--kills 20] [--seed 0] [--work DIR] \
         [--out benchmarks/results/faults.json] [--doc docs/reliability.md]
 
-First one uninterrupted run gives the reference and each stage's time window (Prefect's start
-included in the first). Kill moments are drawn stratified: kill i falls in stage i mod 6, uniformly
-inside that stage's window of the reference run; the table counts a kill under the stage whose
-output was missing at the kill (the load of the machine moves the windows a little). Each kill
-runs in a fresh copy of the workdir, so kills are independent. After a kill, the finished trial and
+First one uninterrupted run gives the reference and each stage's time window. Kill moments are
+drawn stratified: kill i falls in stage i mod 6, uniformly inside that stage (`kill_in`: for a later
+stage, timed from the moment the stage before wrote its output); the table counts a kill under the
+stage whose output was missing at the kill. Each kill runs in a fresh copy of the workdir, so kills
+are independent. After a kill, the finished trial and
 arm records (every `metrics.json`) are noted by inode, the demo is rerun to the end, and the benchmark checks:
 
 - final mask (`masks/selected.json`) byte-identical to the reference;
@@ -131,14 +131,40 @@ def outcome(work: Path) -> dict:
             "runs": mlflow_runs(work)}
 
 
-def stage_at_kill(work: Path) -> str:
-    """The stage the kill hit, read from the outputs present (load moves the windows a little):
-    the first stage whose final output is missing."""
-    done = {"prepare": work / "data" / "processed" / "manifest.parquet", "base": work / "models" / "base",
+def outputs(work: Path) -> dict[str, Path]:
+    """Each stage's last output: present once the stage has finished."""
+    return {"prepare": work / "data" / "processed" / "manifest.parquet", "base": work / "models" / "base",
             "reference": work / "data" / "reference" / "threshold.json", "search": work / "masks" / "selected.json",
             "finetune": work / "models" / "final" / "seed0" / "metrics.json",
             "compare": work / "reports" / "metrics.json"}
+
+
+def stage_at_kill(work: Path) -> str:
+    """The stage the kill hit, read from the outputs present: the first stage whose output is missing."""
+    done = outputs(work)
     return next((stage for stage in STAGES if not done[stage].exists()), "after compare")
+
+
+def kill_in(proc: subprocess.Popen, work: Path, stage: str, win: dict, rng: random.Random) -> tuple[bool, float]:
+    """SIGKILL the demo at a moment drawn uniformly inside `stage`: for prepare, inside its window of
+    the reference run (Prefect's start is before it); for a later stage, once the stage before has
+    written its output, within the reference run's duration of the stage (the machine's load moves
+    absolute moments). Returns (killed, seconds since the start); not killed if the demo ended first."""
+    t0 = time.perf_counter()
+    if stage == "prepare":
+        at = rng.uniform(*win[stage])
+    else:
+        before = outputs(work)[STAGES[STAGES.index(stage) - 1]]
+        while not before.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        at = time.perf_counter() - t0 + rng.uniform(0, win[stage][1] - win[stage][0])
+    try:
+        proc.wait(timeout=max(at - (time.perf_counter() - t0), 0.01))
+        return False, at
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True, at
 
 
 def windows(work: Path, wall: float) -> dict[str, tuple[float, float]]:
@@ -188,18 +214,9 @@ def main() -> None:
     while landed < args.kills and i < 2 * args.kills:  # a run that finishes before its moment is drawn again
         i += 1
         stage = STAGES[landed % len(STAGES)]
-        lo, hi = win[stage]
-        at = rng.uniform(lo, hi)
         work = fresh(args.work / f"kill{i:02d}")
-        proc = start(work)
-        try:
-            proc.wait(timeout=at)
-            killed = False  # it finished first (a stage shorter on this run than on the reference)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed = True
-            landed += 1
+        killed, at = kill_in(start(work), work, stage, win, rng)
+        landed += killed
         if not killed:
             rows.append({"kill": i, "stage": stage, "at_s": round(at, 1), "killed": False})
             print(json.dumps(rows[-1]), flush=True)

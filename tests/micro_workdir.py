@@ -53,3 +53,43 @@ def without_timing(csv: Path) -> str:
     out = io.StringIO()
     df[[c for c in df.columns if not any(t in c for t in TIMING)]].to_csv(out, index=False)
     return out.getvalue()
+
+
+def cli_tty(work: Path, command: str, timeout: float = 1200, columns: int = 250) -> tuple[int, str]:
+    """`memcontrol <command>` with a pseudo-terminal as its stdin, stdout and stderr (a person's
+    terminal, `columns` wide); returns (exit code, everything it wrote, control sequences included)."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, columns, 0, 0))
+    env = {k: v for k, v in cli_env(work).items() if k not in ("FORCE_TERMINAL", "TTY_COMPATIBLE", "NO_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS=str(columns))
+    proc = subprocess.Popen(cli_args(work, command), cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise TimeoutError(f"{command} still running after {timeout} s")
+    finally:
+        os.close(master)
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")

@@ -62,7 +62,7 @@ def _half_written(work: Path) -> list[str]:
 
 
 def test_killed_twice_the_search_ends_as_the_uninterrupted_one(micro_searched, tmp_path):
-    prepared, reference = micro_searched
+    prepared, reference, _ = micro_searched
     work = tmp_path / "killed"
     shutil.copytree(prepared, work)
 
