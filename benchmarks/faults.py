@@ -13,7 +13,8 @@ are independent. After a kill, the finished trial and
 arm records (every `metrics.json`) are noted by inode, the demo is rerun to the end, and the benchmark checks:
 
 - final mask (`masks/selected.json`) byte-identical to the reference;
-- `search/trials.csv` byte-identical once the clock columns (`*_seconds`) are dropped;
+- `search/trials.csv` byte-identical once the clock columns (`*_seconds`) and Optuna's trial
+  `number` are dropped (a trial a kill interrupted keeps its number, failed, so later ones shift);
 - `reports/metrics.json` equal once every `*seconds*` key is dropped;
 - the MLflow store holds as many current runs as the reference's (none duplicated, none lost);
 - no half-written file under a real name (every output is checked to parse), at the kill and after
@@ -89,8 +90,10 @@ def no_clock(obj):
 
 
 def trials_without_clock(work: Path) -> str:
+    """trials.csv without the clock columns and Optuna's trial `number` (it counts every ask, so a
+    trial a kill interrupted, failed on the rerun, shifts the numbers of the trials after it)."""
     df = pd.read_csv(work / "search" / "trials.csv", dtype=str, keep_default_na=False)
-    return df[[c for c in df.columns if "seconds" not in c]].to_csv(index=False)
+    return df[[c for c in df.columns if "seconds" not in c and c != "number"]].to_csv(index=False)
 
 
 def mlflow_runs(work: Path) -> int:
