@@ -126,10 +126,18 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     # the record's own key (code, params, inputs: memcontrol/reuse.py) tells a rerun of the same
     # result, already logged, from a new result under the same name (e.g. a DVC experiment)
     digest = hashlib.sha256(json.dumps(record.get("key", record), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}' "
+    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' "
                                          f"and tags.memcontrol_record = '{digest}'", max_results=1)
     if found:  # already logged by an earlier (interrupted) run of the flow
-        return found[0].info.run_id
+        rid = found[0].info.run_id
+        logged_as = found[0].data.tags.get("memcontrol_child")
+        if logged_as != name:  # under the number of a trial that a kill interrupted (Optuna failed it
+            # and asked the configuration again): the same result, so the run takes the new name
+            client.set_tag(rid, "memcontrol_child", name)
+            client.update_run(rid, name=name)
+            client.set_tag(rid, "memcontrol_logged_as", logged_as or "")
+            _supersede(client, exp_id, parent_id, name, rid)
+        return rid
     # a rerun under other settings or code: a new child run, and the earlier ones of the same name
     # are marked (memcontrol_current=false, superseded_by) so the UI can filter them out
     earlier = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'")
@@ -139,9 +147,7 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
                                                          "memcontrol_current": "true",
                                                          **({"memcontrol_rerun_of": earlier[0].info.run_id} if earlier else {})})
     rid = run.info.run_id
-    for old in earlier:
-        client.set_tag(old.info.run_id, "memcontrol_current", "false")
-        client.set_tag(old.info.run_id, "memcontrol_superseded_by", rid)
+    _supersede(client, exp_id, parent_id, name, rid)
     mask = record["mask"]
     params = {
         "method": mask["method"], "mode": mask.get("mode", ""), "lr": mask["lr"],
@@ -164,6 +170,14 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     _log(client, rid, artifacts)
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def _supersede(client: MlflowClient, exp_id: str, parent_id: str, name: str, current: str) -> None:
+    """Mark the other child runs named `name` as superseded by `current`."""
+    for old in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'"):
+        if old.info.run_id != current:
+            client.set_tag(old.info.run_id, "memcontrol_current", "false")
+            client.set_tag(old.info.run_id, "memcontrol_superseded_by", current)
 
 
 def _log(client: MlflowClient, run_id: str, files) -> None:

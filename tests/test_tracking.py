@@ -38,6 +38,21 @@ def test_a_rerun_with_changed_settings_makes_a_new_child_and_marks_the_old_one(t
     assert [r.info.run_id for r in current] == [second]
 
 
+def test_a_result_logged_under_an_interrupted_trials_number_takes_the_new_number(tmp_path):
+    """A kill after a trial's run was logged but before Optuna was told: the rerun fails that trial
+    and asks its configuration again under a new number; the same result is one run, renamed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.parent_run(uri, "e", tmp_path, kind="study", name="s", params={})
+    first = tracking.log_child(uri, "e", tmp_path, parent, name="trial-000", record=_record("a", 0.2))
+    assert tracking.log_child(uri, "e", tmp_path, parent, name="trial-002", record=_record("a", 0.2)) == first
+    client = MlflowClient(uri)
+    run = client.get_run(first)
+    assert run.info.run_name == "trial-002" and run.data.tags["memcontrol_child"] == "trial-002"
+    assert run.data.tags["memcontrol_logged_as"] == "trial-000"
+    exp = client.get_experiment_by_name("e")
+    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 1
+
+
 def test_a_resumed_parent_records_changed_params_as_tags(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.parent_run(uri, "e", tmp_path, kind="study", name="s", params={"n_trials": 3, "seed": 0})
