@@ -62,6 +62,8 @@ def fresh(work: Path) -> Path:
 def start(work: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(work / ".prefect" / "s")}
     env.pop("PREFECT_API_URL", None)
+    # a loaded machine can take longer than scripts/env.sh's 90 s to start Prefect's ephemeral server
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "900"
     log = open(work / f"demo-{time.time_ns()}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "-p", str(work / "params.yaml"), "--root",
                              str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -69,7 +71,8 @@ def start(work: Path) -> subprocess.Popen:
 
 
 def run_to_end(work: Path, timeout: float | None = None) -> float | None:
-    """Seconds the demo took to finish, or None if it was still running after `timeout` (a hang)."""
+    """Seconds the demo took to finish, or None if it was still running after `timeout` (a hang).
+    A failed run raises RuntimeError with its log's tail."""
     t0 = time.perf_counter()
     proc = start(work)
     try:
@@ -79,8 +82,19 @@ def run_to_end(work: Path, timeout: float | None = None) -> float | None:
         proc.wait()
         return None
     if proc.returncode != 0:
-        raise RuntimeError(f"demo in {work} failed (exit {proc.returncode}); see {work}/demo-*.log")
+        log = max(work.glob("demo-*.log"), key=lambda f: f.stat().st_mtime).read_text()
+        raise RuntimeError(f"demo in {work} failed (exit {proc.returncode}): {log[-1500:]}")
     return time.perf_counter() - t0
+
+
+def differences(got: str, want: str, limit: int = 6) -> list:
+    """The first cells that differ between two CSV texts (for the JSON row of a mismatch)."""
+    import io
+
+    a, b = pd.read_csv(io.StringIO(got), dtype=str), pd.read_csv(io.StringIO(want), dtype=str)
+    if a.shape != b.shape:
+        return [f"shape {a.shape} != {b.shape}"]
+    return [[int(i), c, a.at[i, c], b.at[i, c]] for i in a.index for c in a.columns if a.at[i, c] != b.at[i, c]][:limit]
 
 
 def no_clock(obj):
@@ -188,34 +202,35 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")
-    ap.add_argument("--table-from", type=Path, help="a log of an earlier (stopped) run: write its rows' table, run nothing")
+    ap.add_argument("--seconds-before", type=float, default=0.0,
+                    help="with --resume of a JSON without seconds_so_far: the stopped run's wall seconds")
+    ap.add_argument("--resume", action="store_true", help="continue a stopped run from its partial JSON --out "
+                    "(its reference workdir under --work is reused)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table in --doc from the JSON --out, run nothing")
     args = ap.parse_args()
     if args.table_only:
         write_table(args.doc, json.loads(args.out.read_text()))
         return
-    if args.table_from:  # the reference line, then one JSON row per finished kill
-        lines = args.table_from.read_text().splitlines()
-        rows = [json.loads(x) for x in lines if x.startswith("{")]
-        for r in rows:  # logs written before mlruns/ was left out of `records`
-            r["recomputed_records"] = [x for x in r["recomputed_records"] if not x.startswith("mlruns/")]
-            r["recomputed"] = len(r["recomputed_records"])
-        wall = float(lines[0].split("reference: ")[1].split(" s")[0])
-        atomic.write_text(args.out, json.dumps({"reference_wall_s": wall, "kills": rows, "seed": args.seed,
-                                                "stopped_after": len(rows)}, indent=2) + "\n")
-        write_table(args.doc, json.loads(args.out.read_text()))
-        return
-    rng = random.Random(args.seed)
-    started = time.perf_counter()
-
-    ref_dir = fresh(args.work / "reference")
-    wall = run_to_end(ref_dir)
-    ref, win = outcome(ref_dir), windows(ref_dir, wall)
+    started, ref_dir = time.perf_counter(), args.work / "reference"
+    if args.resume:
+        earlier = json.loads(args.out.read_text())
+        wall, win, rows = earlier["reference_wall_s"], earlier["windows"], earlier["kills"]
+        spent = earlier.get("seconds_so_far", args.seconds_before)
+    else:
+        wall, spent, rows = run_to_end(fresh(ref_dir)), 0.0, []
+        win = windows(ref_dir, wall)
+    ref = outcome(ref_dir)
     print(f"reference: {wall:.0f} s; stage windows {({k: tuple(round(x) for x in v) for k, v in win.items()})}", flush=True)
 
-    rows, landed, i = [], 0, -1
+    def partial() -> dict:
+        return {"reference_wall_s": round(wall, 1), "windows": win, "kills": rows, "seed": args.seed,
+                "kills_asked": args.kills, "partial": True,
+                "seconds_so_far": round(spent + time.perf_counter() - started, 1)}
+
+    landed, i = sum(r["killed"] for r in rows), len(rows) - 1
     while landed < args.kills and i < 2 * args.kills:  # a run that finishes before its moment is drawn again
         i += 1
+        rng = random.Random(f"{args.seed}-{i}")  # each kill its own draw: a resumed run draws the same
         stage = STAGES[landed % len(STAGES)]
         work = fresh(args.work / f"kill{i:02d}")
         killed, at = kill_in(start(work), work, stage, win, rng)
@@ -223,13 +238,21 @@ def main() -> None:
         if not killed:
             rows.append({"kill": i, "stage": stage, "at_s": round(at, 1), "killed": False})
             print(json.dumps(rows[-1]), flush=True)
+            save(args, partial())
             continue
         aimed, stage = stage, stage_at_kill(work)
         before = records(work)
         broken_at_kill = half_written(work)
         leftovers = len(atomic.leftovers(work))
         t0 = time.perf_counter()
-        if run_to_end(work, timeout=args.rerun_timeout) is None:
+        try:
+            finished = run_to_end(work, timeout=args.rerun_timeout)
+        except RuntimeError as e:
+            if "Timed out while attempting to connect to ephemeral Prefect API" not in str(e):
+                raise
+            print(f"kill {i}: the rerun's Prefect server did not start in time (load); rerunning", flush=True)
+            finished = run_to_end(work, timeout=args.rerun_timeout)
+        if finished is None:
             row = {"kill": i, "stage": stage, "aimed_at": aimed, "at_s": round(at, 1), "killed": killed,
                    "recovered": False,
                    "mismatches": ["hung"], "finished_records_at_kill": len(before), "recomputed": 0,
@@ -238,8 +261,7 @@ def main() -> None:
                    "half_written_after_rerun": [], "temp_leftovers_after_rerun": None}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            save(args, {"reference_wall_s": round(wall, 1), "windows": win, "kills": rows, "seed": args.seed,
-                        "kills_asked": args.kills, "partial": True})
+            save(args, partial())
             continue  # the workdir stays for a look
         got = outcome(work)
         after = records(work)
@@ -247,20 +269,20 @@ def main() -> None:
         broken_after, left_after = half_written(work), [str(p.relative_to(work)) for p in atomic.leftovers(work)]
         mismatch = [k for k in ("mask", "trials", "metrics", "runs") if got[k] != ref[k]]
         mismatch += ["half-written file"] * bool(broken_after) + ["temp file left"] * bool(left_after)
+        diff = differences(got["trials"], ref["trials"]) if got["trials"] != ref["trials"] else []
         row = {"kill": i, "stage": stage, "aimed_at": aimed, "at_s": round(at, 1), "killed": killed,
                "recovered": not mismatch,
                "mismatches": mismatch, "finished_records_at_kill": len(before), "recomputed": len(recomputed),
                "recomputed_records": recomputed, "half_written_at_kill": broken_at_kill,
                "temp_leftovers_at_kill": leftovers, "rerun_s": round(time.perf_counter() - t0, 1),
                "runs": got["runs"], "reference_runs": ref["runs"], "half_written_after_rerun": broken_after,
-               "temp_leftovers_after_rerun": left_after}
+               "temp_leftovers_after_rerun": left_after, "trials_diff": diff}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        save(args, {"reference_wall_s": round(wall, 1), "windows": win, "kills": rows, "seed": args.seed,
-                    "kills_asked": args.kills, "partial": True})  # an interrupted benchmark keeps what it measured
+        save(args, partial())  # an interrupted benchmark keeps what it measured (--resume goes on from it)
         shutil.rmtree(work, ignore_errors=True)
 
-    total = time.perf_counter() - started
+    total = spent + time.perf_counter() - started
     result = {"reference_wall_s": round(wall, 1), "benchmark_wall_s": round(total, 1), "windows": win, "kills": rows,
               "seed": args.seed, "kills_asked": args.kills}
     save(args, result)
@@ -274,9 +296,10 @@ def save(args, result: dict) -> None:
 
 def write_table(doc: Path, result: dict) -> None:
     rows, wall = result["kills"], result["reference_wall_s"]
-    total = f", whole benchmark {result['benchmark_wall_s'] / 60:.0f} min" if "benchmark_wall_s" in result else ""
+    total = (f", whole benchmark {result['benchmark_wall_s'] / 60:.0f} min" if "benchmark_wall_s" in result else
+             f", stopped after {result['seconds_so_far'] / 60:.0f} min" if "seconds_so_far" in result else "")
     landed = sum(r["killed"] for r in rows)
-    partial = " (stopped early: partial)" if result.get("partial") else ""
+    partial = f" of {result['kills_asked']} asked (stopped early)" if result.get("partial") else ""
     lines = [f"{landed} kills{partial} (seed {result['seed']}), micro configuration, reference run "
              f"{wall:.0f} s{total} (`benchmarks/results/faults.json` has each kill):", "",
              "| stage | kills | recovered (same mask, trials, metrics, MLflow runs) | finished records at the kill | "

@@ -36,6 +36,7 @@ def prepared(work: Path) -> Path:
 def cli_env(work: Path) -> dict:
     env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PREFECT_LOCAL_STORAGE_PATH": str(work / ".prefect" / "s")}
     env.pop("PREFECT_API_URL", None)
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "600"  # a loaded test machine starts it slowly
     return env
 
 

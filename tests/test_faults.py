@@ -44,6 +44,13 @@ def _scored(work: Path) -> str:
     return pd.read_csv(io.StringIO(without_timing(work / "search" / "trials.csv"))).drop(columns="number").to_csv()
 
 
+def _differences(got: str, want: str) -> list:
+    a, b = pd.read_csv(io.StringIO(got), dtype=str), pd.read_csv(io.StringIO(want), dtype=str)
+    if a.shape != b.shape:
+        return [a.shape, b.shape]
+    return [(i, c, a.at[i, c], b.at[i, c]) for i in a.index for c in a.columns if a.at[i, c] != b.at[i, c]]
+
+
 def _records(work: Path) -> dict[str, int]:
     return {str(f.relative_to(work)): f.stat().st_ino for f in (work / "search").rglob("metrics.json")}
 
@@ -89,7 +96,8 @@ def test_killed_twice_the_search_ends_as_the_uninterrupted_one(micro_searched, t
     assert [k for k, ino in at_kill.items() if after.get(k) != ino] == []  # nothing finished was trained again
     # the same configurations and values; Optuna's `number` differs (the trial a kill interrupted
     # keeps its number, failed on the rerun, and later trials come after it)
-    assert _scored(work) == _scored(reference)
+    got, want = _scored(work), _scored(reference)
+    assert got == want, _differences(got, want)
     assert (work / "masks" / "selected.json").read_bytes() == (reference / "masks" / "selected.json").read_bytes()
     assert _current_runs(work) == _current_runs(reference)
 
