@@ -202,6 +202,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "reliability.md")
     ap.add_argument("--rerun-timeout", type=float, default=600.0, help="a rerun still going after this is a hang")
+    ap.add_argument("--recheck", type=int, metavar="KILL", help="rerun the kept workdir of a kill recorded as hung "
+                    "to the end without a timeout, and add the comparison to its row as `recheck`")
     ap.add_argument("--seconds-before", type=float, default=0.0,
                     help="with --resume of a JSON without seconds_so_far: the stopped run's wall seconds")
     ap.add_argument("--resume", action="store_true", help="continue a stopped run from its partial JSON --out "
@@ -212,6 +214,9 @@ def main() -> None:
         write_table(args.doc, json.loads(args.out.read_text()))
         return
     started, ref_dir = time.perf_counter(), args.work / "reference"
+    if args.recheck is not None:
+        recheck(args, ref_dir)
+        return
     if args.resume:
         earlier = json.loads(args.out.read_text())
         wall, win, rows = earlier["reference_wall_s"], earlier["windows"], earlier["kills"]
@@ -289,6 +294,26 @@ def main() -> None:
     write_table(args.doc, result)
 
 
+def recheck(args, ref_dir: Path) -> None:
+    """Was a 'hung' rerun a hang or only slow (a loaded machine)? Its workdir was kept: rerun it to
+    the end with no timeout and compare as for any kill."""
+    result = json.loads(args.out.read_text())
+    row = next(r for r in result["kills"] if r["kill"] == args.recheck)
+    work, ref = args.work / f"kill{args.recheck:02d}", outcome(ref_dir)
+    logs = sorted(work.glob("demo-*.log"), key=lambda f: f.stat().st_mtime)
+    t0 = time.perf_counter()
+    run_to_end(work)
+    got = outcome(work)
+    mismatch = [k for k in ("mask", "trials", "metrics", "runs") if got[k] != ref[k]]
+    row["recheck"] = {"rerun_s": round(time.perf_counter() - t0, 1), "recovered": not mismatch, "mismatches": mismatch,
+                      "hung_rerun_log_bytes": logs[-1].stat().st_size if logs else None,
+                      "half_written_after_rerun": half_written(work),
+                      "temp_leftovers_after_rerun": [str(p.relative_to(work)) for p in atomic.leftovers(work)]}
+    print(json.dumps(row), flush=True)
+    save(args, result)
+    write_table(args.doc, result)
+
+
 def save(args, result: dict) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(args.out, json.dumps(result, indent=2) + "\n")
@@ -311,6 +336,11 @@ def write_table(doc: Path, result: dict) -> None:
         if not rs:
             continue
         mism = sorted({m for r in rs for m in r["mismatches"]})
+        rechecked = [r for r in rs if "recheck" in r]
+        if rechecked:  # a 'hung' rerun rerun to the end without a timeout
+            mism = [m + (" (rerun without a timeout: " + ("recovered" if all(r["recheck"]["recovered"] for r in rechecked)
+                                                           else "not recovered") + ")" if m == "hung" else "")
+                    for m in mism]
         after = sum(len(r.get("half_written_after_rerun") or []) for r in rs)
         left = sum(len(r.get("temp_leftovers_after_rerun") or []) for r in rs)
         lines.append(f"| {stage} | {len(rs)} | {sum(r['recovered'] for r in rs)} | "
