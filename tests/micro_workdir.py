@@ -44,7 +44,7 @@ def cli_args(work: Path, command: str) -> list[str]:
     return [sys.executable, "-m", "flows.cli", command, "-p", str(work / "params.yaml"), "--root", str(work)]
 
 
-def cli(work: Path, command: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+def cli(work: Path, command: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     return subprocess.run(cli_args(work, command), cwd=ROOT, env=cli_env(work), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -24,7 +24,7 @@ from memcontrol import atomic
 from micro_workdir import ROOT, cli, cli_args, cli_env, without_timing
 
 
-def _kill_when(work: Path, ready, timeout: float = 600) -> str:
+def _kill_when(work: Path, ready, timeout: float = 3600) -> str:
     """Start `memcontrol search` on `work`; SIGKILL its process group once `ready(output_so_far)`."""
     log = work / f"search-{time.time_ns()}.log"
     with log.open("w") as out:
