@@ -120,7 +120,9 @@ def run_arm(
     train_info = {"n_rows": len(rows), "n_distinct_images": int(rows["id"].nunique()), **hook_stats(hooks)}
     record = {"key": key, "mask": json.loads(mask.to_json()), "metrics": metrics, "train_info": train_info}
     write_json(record, done)
-    return record
+    # the record as a reuse reads it back (keys sorted): a table built from fresh and reused records
+    # (trials.csv after a resume) then has one column order
+    return json.loads(done.read_text())
 
 
 def evaluate_base(params: Params, layout: Layout, ctx: EvalContext, progress: Progress = None) -> dict:
