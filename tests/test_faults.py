@@ -46,8 +46,8 @@ def _scored(work: Path) -> str:
 
 def _differences(got: str, want: str) -> list:
     a, b = pd.read_csv(io.StringIO(got), dtype=str), pd.read_csv(io.StringIO(want), dtype=str)
-    if a.shape != b.shape:
-        return [a.shape, b.shape]
+    if a.shape != b.shape or list(a.columns) != list(b.columns):
+        return [a.shape, b.shape, list(a.columns), list(b.columns)]
     return [(i, c, a.at[i, c], b.at[i, c]) for i in a.index for c in a.columns if a.at[i, c] != b.at[i, c]]
 
 
