@@ -44,7 +44,7 @@ def main() -> None:
         for steps in args.steps:
             ctx.params = params.model_copy(update={"sample": params.sample.model_copy(update={"steps": steps})})
             t0 = time.perf_counter()
-            m, _ = evaluate(bundle, ctx)
+            m, *_ = evaluate(bundle, ctx)
             rows.append({"adapter": d.name, "method": mask.method, "steps": steps,
                          "eval_s": round(time.perf_counter() - t0, 1), **{k: round(float(m[k]), 4) for k in KEYS}})
     print(markdown_table(pd.DataFrame(rows)))

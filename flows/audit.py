@@ -38,7 +38,8 @@ def _logger(params: Params, root: Path, kind: str, run_params: dict):
         arm_dir = Path(rec["dir"])
         tracking.log_child(uri, params.tracking.experiment, root, parent, name=f"{rec['arm']}-seed{rec['seed']}",
                            record={"mask": rec["mask"], "metrics": metrics},
-                           artifacts=[arm_dir / "grid.png", arm_dir / "nearest.png", arm_dir / "audit.json"],
+                           artifacts=[arm_dir / "grid.png", arm_dir / "samples.png", arm_dir / "nearest.png",
+                                      arm_dir / "audit.json"],
                            extra_params={"arm": rec["arm"], "seed": rec["seed"]})
 
     return uri, parent, on_record

@@ -112,9 +112,15 @@ def _run(name: str, params: str, root: str | None, module: str = "pipeline", **o
 
     _logging()
     try:
-        load_params(params)  # fail fast with the file and key named, before Prefect starts
+        config = load_params(params)  # fail fast with the file and key named, before Prefect starts
     except ConfigError as e:
         _fail(name, e, 2)
+    from memcontrol.atomic import clean_leftovers
+
+    workdir = Path(root or config.workdir)
+    if workdir.is_dir():  # what writers killed in an earlier run left (temp files of dead processes)
+        for leftover in clean_leftovers(workdir):
+            logging.getLogger("memcontrol").info("removed %s, left by a killed writer", leftover)
     import importlib
 
     flows_module = importlib.import_module(f"flows.{module}")

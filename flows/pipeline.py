@@ -24,7 +24,7 @@ from memcontrol.selection import pareto_and_select
 from memcontrol.workdir import Layout, write_json
 from tasks import stages as T
 from tasks import tracking
-from tasks.progress import report_search
+from tasks.progress import SearchProgress, bars
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict
     """One MLflow child run per trial (and per calibration arm)."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
     return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
-                              record=record, artifacts=[Path(trial_dir) / "grid.png"],
+                              record=record, artifacts=[Path(trial_dir) / "grid.png", Path(trial_dir) / "samples.png"],
                               extra_params={"trial": name})
 
 
@@ -106,6 +106,13 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
                                          "n_trials": params.search.n_trials,
                                          "objectives": ",".join(params.search.objectives), "blocks": ",".join(blocks),
                                          "inner_steps": params.train.steps})
+    with bars() as progress:  # on a terminal the trials' bars sit under the search's own
+        return _search_loop(params, workdir, layout, study, blocks, uri, parent,
+                            SearchProgress(progress, study, params.search.n_trials, params.search.objectives))
+
+
+def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, uri: str, parent: str,
+                 tracker: SearchProgress) -> dict:
     for name, mask in {"full": full_mask(params)}.items():
         out = layout.calibration / name
         rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
@@ -121,7 +128,8 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
 
     def evaluate(batch) -> list[S.Outcome]:
         outcomes = []
-        for trial, mask in batch:
+        for position, (trial, mask) in enumerate(batch):
+            tracker.trial_started(position)
             out = layout.trials / mask.digest()
             trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
             try:
@@ -141,7 +149,7 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
                    make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
                    max_failures=params.search.max_failures,
                    # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
-                   on_told=lambda: report_search(study, params.search.n_trials, params.search.objectives))
+                   on_told=tracker.told)
 
     if params.search.workers == 1:
         optimize(evaluate)
@@ -173,10 +181,13 @@ def finetune(params_path: str = "params.yaml", root: str | None = None) -> dict:
     params, workdir, layout = _setup(params_path, root)
     mask = final_arms(params, layout)["selected"]
     recs = {}
-    for seed in params.final.seeds:
-        out = layout.final / f"seed{seed}"
-        recs[seed] = T.run_arm(params, workdir, mask.to_json(), str(out), arm="final", seed=seed,
-                               steps=params.final.steps)
+    with bars() as progress:
+        for i, seed in enumerate(params.final.seeds):
+            progress("Stage 2: seeds", i, len(params.final.seeds))
+            out = layout.final / f"seed{seed}"
+            recs[seed] = T.run_arm(params, workdir, mask.to_json(), str(out), arm="final", seed=seed,
+                                   steps=params.final.steps)
+        progress("Stage 2: seeds", len(recs), len(params.final.seeds))
     return {"final": str(layout.final), "seeds": list(recs)}
 
 
@@ -187,10 +198,14 @@ def compare(params_path: str = "params.yaml", root: str | None = None) -> dict:
     params, workdir, layout = _setup(params_path, root)
     arms = final_arms(params, layout)
     records: dict[str, list[dict]] = {"selected": [], "full": []}
-    for seed in params.final.seeds:
-        for arm, out in (("selected", layout.final), ("full", layout.full)):
-            records[arm].append(T.run_arm(params, workdir, arms[arm].to_json(), str(out / f"seed{seed}"),
-                                          arm="final", seed=seed, steps=params.final.steps))
+    total = 2 * len(params.final.seeds)
+    with bars() as progress:
+        for seed in params.final.seeds:
+            for arm, out in (("selected", layout.final), ("full", layout.full)):
+                progress("compare: arm-seeds", sum(map(len, records.values())), total)
+                records[arm].append(T.run_arm(params, workdir, arms[arm].to_json(), str(out / f"seed{seed}"),
+                                              arm="final", seed=seed, steps=params.final.steps))
+        progress("compare: arm-seeds", total, total)
     base_metrics = T.evaluate_base(params, workdir)
     table = summarize(params, layout, records, base_metrics)
     out = write_comparison(params, layout, table)

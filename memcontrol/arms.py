@@ -106,8 +106,9 @@ def run_arm(
         device=device, progress=lambda step, _loss: ticker(progress, "fine-tune")(step, steps), **hooks,
     )
     tuning.save_adapter(out_dir, bundle.unet, mask)
-    metrics, grid = evaluate(bundle, ctx, progress)
-    save_image(grid, out_dir / "grid.png")
+    metrics, grid, samples = evaluate(bundle, ctx, progress)
+    save_image(grid, out_dir / "grid.png")  # generations over their nearest training images
+    save_image(samples, out_dir / "samples.png")  # the held-out prompts' generations
     metrics.update({
         "trainable": int(prepared.trainable),
         "trainable_pct": float(prepared.pct),
@@ -119,7 +120,9 @@ def run_arm(
     train_info = {"n_rows": len(rows), "n_distinct_images": int(rows["id"].nunique()), **hook_stats(hooks)}
     record = {"key": key, "mask": json.loads(mask.to_json()), "metrics": metrics, "train_info": train_info}
     write_json(record, done)
-    return record
+    # the record as a reuse reads it back (keys sorted): a table built from fresh and reused records
+    # (trials.csv after a resume) then has one column order
+    return json.loads(done.read_text())
 
 
 def evaluate_base(params: Params, layout: Layout, ctx: EvalContext, progress: Progress = None) -> dict:
@@ -129,7 +132,7 @@ def evaluate_base(params: Params, layout: Layout, ctx: EvalContext, progress: Pr
     out = layout.reports / "base_metrics.json"
     if (record := finished(out, key)) is not None and (layout.reports / "base_grid.png").exists():
         return record["metrics"]
-    metrics, grid = evaluate(load_base(layout), ctx, progress)
+    metrics, grid, _ = evaluate(load_base(layout), ctx, progress)
     layout.reports.mkdir(parents=True, exist_ok=True)
     save_image(grid, layout.reports / "base_grid.png")
     write_json({"key": key, "metrics": metrics}, out)

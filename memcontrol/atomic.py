@@ -11,6 +11,7 @@ temp file."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"  # every temp name holds it, so leftovers of a killed writer can be recognised
+# ... followed by the writer's pid: a later run removes the leftovers of writers that are gone
+_WRITER = re.compile(re.escape(TEMP_MARK) + r"(\d+)-")
+SKIP_DIRS = {".git", ".dvc", ".venv", ".prefect", "node_modules"}  # not ours to clean
+
+
+def _mark() -> str:
+    return f"{TEMP_MARK}{os.getpid()}-"
 
 
 def _umask() -> int:
@@ -58,7 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temp name keeps the suffix (savefig and to_parquet pick the format from it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}", suffix=path.suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{_mark()}", suffix=path.suffix)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; an output gets the mode open() would give it
     os.close(fd)
     tmp = Path(name)
@@ -95,7 +103,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     the new one, or the old one under its aside name (never a half-written folder under `path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_mark()}"))
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
@@ -104,7 +112,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 _fsync_file(f)
         aside = None
         if path.exists():
-            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old{TEMP_MARK}"))
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old{_mark()}"))
             os.replace(path, aside / path.name)  # a rename, not a delete: the old model survives a kill here
         os.replace(tmp, path)
     except BaseException:
@@ -118,3 +126,43 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def leftovers(root: str | os.PathLike) -> list[Path]:
     """Temp files or folders a killed writer left under `root` (the fault benchmark counts them)."""
     return sorted(p for p in Path(root).rglob(f"*{TEMP_MARK}*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_leftovers(root: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left under `root`: temp files and folders whose writer (the pid in
+    the name) is no longer running on this machine (a name without a pid, from older code, counts as
+    gone). A model folder whose replacement was killed between its two renames is put back from its
+    aside name. Returns what was removed or restored. Called by every `memcontrol` command at start."""
+    done = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        here = Path(folder)
+        for name in [*dirs, *files]:
+            if TEMP_MARK not in name:
+                continue
+            m = _WRITER.search(name)
+            if m and _alive(int(m.group(1))):
+                continue
+            p = here / name
+            if name in dirs:
+                dirs.remove(name)  # never walk into what is being removed
+                old = name.split(".old" + TEMP_MARK)[0][1:] if ".old" + TEMP_MARK in name else None
+                if old and (p / old).is_dir() and not (here / old).exists():
+                    os.replace(p / old, here / old)  # the old model is back under its name
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            done.append(p)
+    if done:
+        _fsync_dir(Path(root))
+    return done

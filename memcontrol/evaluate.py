@@ -2,8 +2,9 @@
 (several seeds each) and for held-out prompts, embed once, search the reference index, score.
 
 `EvalContext` loads what is the same for every evaluation (reference index, threshold, cached
-latents and text states, embedder) once; `evaluate` returns the metrics (docs/metrics.md) and a
-grid of generations above their nearest training images."""
+latents and text states, embedder) once; `evaluate` returns the metrics (docs/metrics.md), a grid
+of generations above their nearest training images and a grid of the held-out prompts' samples
+(what the quality metrics measure)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from memcontrol.progress import Progress, ticker
 from memcontrol.quality import fid_kid
 from memcontrol.reference import make_embedder
 from memcontrol.reference_index import ReferenceIndex
-from memcontrol.report import pair_grid
+from memcontrol.report import image_grid, pair_grid
 from memcontrol.sample import generate, item_seed
 from memcontrol.workdir import Layout, read_manifest, rows_of
 
@@ -86,10 +87,10 @@ class EvalContext:
         return (load_images(image_paths(rows, self.layout.manifest.parent), size) + 1) / 2
 
 
-def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tuple[dict, Image.Image]:
+def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tuple[dict, Image.Image, Image.Image]:
     """Generate for the memorization-subset prompts (several seeds each) and for held-out prompts,
     embed once, then: FAISS nearest-training similarity (memorization), FID/KID (quality) and the
-    noise-norm proxy. Returns (metrics, grid image)."""
+    noise-norm proxy. Returns (metrics, nearest-neighbour grid, sample grid of the held-out prompts)."""
     params, enc = ctx.params, ctx.encoded
     sample = params.sample
     mem, qual = ctx.mem_rows, ctx.quality_rows
@@ -144,7 +145,8 @@ def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tup
     first = np.arange(0, n_mem, sample.mem_seeds)  # one generation per memorization prompt
     grid = pair_grid(imgs[:n_mem][first], ctx.train_images([nearest_ids[i] for i in first], bundle.resolution),
                      sims[first], cols=min(8, len(first)), scale=2)
-    return metrics, grid
+    samples = image_grid(imgs[n_mem:], cols=min(8, len(qual)), scale=2)
+    return metrics, grid, samples
 
 
 def objective_values(params: Params, metrics: dict) -> list[float]:

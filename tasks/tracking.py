@@ -6,10 +6,13 @@ CSV files logged with a run are also MLflow tables, PNGs also MLflow images, so 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -18,15 +21,66 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from memcontrol import atomic
 from memcontrol.config import OBJECTIVES
+
+log = logging.getLogger("memcontrol.tracking")
 
 # parent run kind -> the stage a person filters on
 STAGES = {"study": "search", "compare": "final", "final": "final", "audit": "audit", "transfer": "audit",
           "release": "audit"}
-IMAGE_KEYS = {"grid": "samples_over_nearest", "nearest": "nearest_neighbours", "pareto": "pareto_front"}
+IMAGE_KEYS = {"grid": "samples_over_nearest", "samples": "heldout_samples", "nearest": "nearest_neighbours",
+              "pareto": "pareto_front"}
+
+
+_READY: set[str] = set()  # SQLite stores checked (or built) by this process
+
+
+def _schema(db: Path) -> tuple[str | None, int | None]:
+    """(alembic revision, number of runs) of an MLflow SQLite file; None where the table is missing."""
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        rev = con.execute("select version_num from alembic_version").fetchone() if "alembic_version" in tables else None
+        runs = con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else None
+    return (rev[0] if rev else None), runs
+
+
+def ensure_store(uri: str, root: Path) -> None:
+    """Make a local SQLite tracking store whole before MLflow opens it. MLflow creates a fresh store
+    in place (tables, then ~60 alembic migrations); a kill in between leaves a half-migrated file
+    that the next run fails or hangs on ("Updating database tables"). So the store is built in a
+    temp file in the same folder and renamed into place (memcontrol.atomic): mlflow.db is absent or
+    complete. A half-migrated store from elsewhere that holds no runs is rebuilt the same way; one
+    with runs is left to MLflow (`mlflow db upgrade`). The folder is locked while this runs."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri in _READY:
+        return
+    db = Path(uri[len(prefix):])
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes never build it at once
+        if db.exists():
+            revision, runs = _schema(db)
+            if revision == _get_latest_schema_revision() or runs:
+                _READY.add(uri)
+                return
+            log.warning("%s: a half-created MLflow store (schema %s, no runs): rebuilding it", db, revision)
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        with atomic.atomic_path(db) as tmp:
+            store = SqlAlchemyStore(f"{prefix}{tmp}", (root / "mlruns").resolve().as_uri())
+            store.engine.dispose()
+            SqlAlchemyStore._engine_map.pop(f"{prefix}{tmp}", None)  # MLflow's engine cache: the name is gone
+        _READY.add(uri)
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def _client(uri: str, experiment: str, root: Path) -> tuple[MlflowClient, str]:
+    ensure_store(uri, root)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -74,10 +128,18 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     # the record's own key (code, params, inputs: memcontrol/reuse.py) tells a rerun of the same
     # result, already logged, from a new result under the same name (e.g. a DVC experiment)
     digest = hashlib.sha256(json.dumps(record.get("key", record), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}' "
+    found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' "
                                          f"and tags.memcontrol_record = '{digest}'", max_results=1)
     if found:  # already logged by an earlier (interrupted) run of the flow
-        return found[0].info.run_id
+        rid = found[0].info.run_id
+        logged_as = found[0].data.tags.get("memcontrol_child")
+        if logged_as != name:  # under the number of a trial that a kill interrupted (Optuna failed it
+            # and asked the configuration again): the same result, so the run takes the new name
+            client.set_tag(rid, "memcontrol_child", name)
+            client.update_run(rid, name=name)
+            client.set_tag(rid, "memcontrol_logged_as", logged_as or "")
+            _supersede(client, exp_id, parent_id, name, rid)
+        return rid
     # a rerun under other settings or code: a new child run, and the earlier ones of the same name
     # are marked (memcontrol_current=false, superseded_by) so the UI can filter them out
     earlier = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'")
@@ -87,9 +149,7 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
                                                          "memcontrol_current": "true",
                                                          **({"memcontrol_rerun_of": earlier[0].info.run_id} if earlier else {})})
     rid = run.info.run_id
-    for old in earlier:
-        client.set_tag(old.info.run_id, "memcontrol_current", "false")
-        client.set_tag(old.info.run_id, "memcontrol_superseded_by", rid)
+    _supersede(client, exp_id, parent_id, name, rid)
     mask = record["mask"]
     params = {
         "method": mask["method"], "mode": mask.get("mode", ""), "lr": mask["lr"],
@@ -113,6 +173,14 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     _log(client, rid, artifacts)
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def _supersede(client: MlflowClient, exp_id: str, parent_id: str, name: str, current: str) -> None:
+    """Mark the other child runs named `name` as superseded by `current`."""
+    for old in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' and tags.memcontrol_child = '{name}'"):
+        if old.info.run_id != current:
+            client.set_tag(old.info.run_id, "memcontrol_current", "false")
+            client.set_tag(old.info.run_id, "memcontrol_superseded_by", current)
 
 
 def _log(client: MlflowClient, run_id: str, files) -> None:

@@ -39,3 +39,35 @@ def postgres(tmp_path_factory):
         yield url
     finally:
         subprocess.run(["bash", str(script), "stop", str(datadir)], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def micro_searched(tmp_path_factory):
+    """A micro workdir prepared up to the search (`prepared`, for copies) and a copy searched once,
+    uninterrupted, by `memcontrol search` with its output piped (`searched`, its output). Shared by
+    the determinism, fault and progress tests."""
+    import shutil
+
+    from micro_workdir import cli, prepared as prepare_workdir
+
+    top = tmp_path_factory.mktemp("micro_search")
+    prepared = prepare_workdir(top / "prepared")
+    searched = top / "searched"
+    shutil.copytree(prepared, searched)
+    run = cli(searched, "search")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return prepared, searched, run.stdout + run.stderr
+
+
+@pytest.fixture(scope="session")
+def micro_searched_tty(micro_searched, tmp_path_factory):
+    """The same search run again from the prepared copy on a pseudo-terminal: (workdir, output)."""
+    import shutil
+
+    from micro_workdir import cli_tty
+
+    work = tmp_path_factory.mktemp("micro_search_tty") / "searched"
+    shutil.copytree(micro_searched[0], work)
+    code, out = cli_tty(work, "search")
+    assert code == 0, out[-4000:]
+    return work, out

@@ -136,6 +136,43 @@ def test_sigkill_between_the_two_renames_keeps_the_old_model(tmp_path, monkeypat
     assert len(kept) == 1 and atomic.TEMP_MARK in str(kept[0].relative_to(tmp_path))
 
 
+def test_the_next_run_removes_what_killed_writers_left_and_restores_a_model_set_aside(tmp_path, monkeypatch):
+    """A killed writer's temp file, and a model folder killed between its two renames (the old one
+    only under its aside name), are cleaned by `clean_leftovers`; a live writer's temp is kept."""
+    target = tmp_path / "reports" / "metrics.json"
+    target.parent.mkdir()
+    target.write_text('{"old": 1}')
+
+    def write_and_die():
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text('{"new": ')
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    assert os.WIFSIGNALED(_child(write_and_die))
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    (model / "weights").write_text("v1")
+    real_replace = os.replace
+
+    def replace_aside_then_die():
+        def replace(src, dst):
+            real_replace(src, dst)
+            if Path(src) == model:  # the old folder is aside, the new one not yet in place
+                os.kill(os.getpid(), signal.SIGKILL)
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        with atomic.atomic_dir(model) as tmp:
+            (tmp / "weights").write_text("v2")
+
+    assert os.WIFSIGNALED(_child(replace_aside_then_die))
+    assert not model.exists() and len(atomic.leftovers(tmp_path)) == 3  # temp file, new folder, aside folder
+    with atomic.atomic_path(tmp_path / "reports" / "live.json") as live:  # this process's write, under way
+        removed = atomic.clean_leftovers(tmp_path)
+        assert live.exists() and live not in removed
+        live.write_text("{}")
+    assert len(removed) == 3 and atomic.leftovers(tmp_path) == []
+    assert (model / "weights").read_text() == "v1" and target.read_text() == '{"old": 1}'
+
+
 def _calls(tree: ast.AST) -> set[str]:
     names = set()
     for node in ast.walk(tree):

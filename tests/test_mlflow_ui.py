@@ -143,7 +143,9 @@ def test_runs_carry_stage_images_tables_and_the_final_model(mlflow_ui, micro_pro
     assert set(bits) <= {"0", "1"} and len(bits) == int(trial.data.params["n_blocks"])
     assert sum(k.startswith("bit.") for k in trial.data.params) == len(bits)
     images = [a.path for a in client.list_artifacts(trial.info.run_id, "images")]
-    assert any("samples_over_nearest" in p for p in images)
+    assert any("samples_over_nearest" in p for p in images)  # grid.png: generations over their nearest
+    assert any("heldout_samples" in p for p in images)  # samples.png: the held-out prompts' generations
+    assert {"grid.png", "samples.png"} <= {a.path for a in client.list_artifacts(trial.info.run_id)}
     tables = [a.path for a in client.list_artifacts(study.info.run_id, "tables")]
     assert "tables/trials.json" in tables
     table = json.loads(Path(client.download_artifacts(study.info.run_id, "tables/trials.json")).read_text())
