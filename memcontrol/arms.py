@@ -20,7 +20,7 @@ import torch
 
 from memcontrol import tuning
 from memcontrol.base_model import load_base
-from memcontrol.config import Params
+from memcontrol.config import OBJECTIVES, Params
 from memcontrol.data.manifest import memorization_training_set
 from memcontrol.evaluate import EvalContext, evaluate
 from memcontrol.mitigations import hook_stats
@@ -154,6 +154,10 @@ def run_arm(
         record["rungs"] = at_rung
         record["stopped_at"] = stopped[0][0] if stopped else None
         metrics["rung_seconds"] = float(sum(rung_seconds))  # inside train_seconds
+        for step, values in at_rung.items():  # the objectives' metrics at each rung, for MLflow and trials.csv
+            metrics.update({f"rung{step}.{k}": values[k] for k, _ in OBJECTIVES.values() if k in values})
+        if stopped:
+            metrics["stopped_at_step"] = stopped[0][0]
     write_json(record, done)
     return record
 
