@@ -37,10 +37,13 @@ from memcontrol.hypervolume import front_and_hypervolume, reference_point
 from memcontrol.workdir import Layout, write_json
 
 
-def all_masks(params, blocks: tuple[str, ...], lr: float, seed: int) -> list:
-    """Every bit pattern, in a seeded order (a run cut short holds a random subset, not a corner)."""
+def all_masks(params, blocks: tuple[str, ...], lr: float, seed: int, fixed: dict[str, int] | None = None) -> list:
+    """Every bit pattern (those with the `fixed` blocks' bits, if any), in a seeded order (a run cut
+    short holds a random subset, not a corner)."""
     t = params.tuning
-    patterns = list(itertools.product((0, 1), repeat=len(blocks)))
+    fixed = fixed or {}
+    patterns = [p for p in itertools.product((0, 1), repeat=len(blocks))
+                if all(p[blocks.index(b)] == v for b, v in fixed.items())]
     order = np.random.default_rng(seed).permutation(len(patterns))
     return [S.mask_of({**{S.bit_name(i): b for i, b in enumerate(patterns[k])}, "lr": lr}, blocks, method=t.method,
                       mode=t.mode, granularity=t.granularity, options=t.options) for k in order]
@@ -94,6 +97,8 @@ def main() -> None:
     ap.add_argument("--noise-masks", type=int, default=8)
     ap.add_argument("--noise-seeds", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--limit", type=int, default=None, help="stop after this many masks (timing runs)")
+    ap.add_argument("--fixed", nargs="*", default=[], metavar="BLOCK=BIT",
+                    help="blocks whose bit is fixed: the space is the other blocks' 2^(n-k) patterns")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exhaustive.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -108,11 +113,15 @@ def main() -> None:
     steps = params.train.steps
     rungs = tuple(sorted({int(round(f * steps)) for f in args.rungs}))
     root = args.workdir / "benchmarks" / "exhaustive"
-    masks = all_masks(params, blocks, args.lr, params.seed)[: args.limit]
+    fixed = {b: int(v) for b, v in (f.rsplit("=", 1) for f in args.fixed)}
+    unknown = sorted(set(fixed) - set(blocks))
+    if unknown:
+        raise SystemExit(f"--fixed: no block {unknown}; blocks: {list(blocks)}")
+    masks = all_masks(params, blocks, args.lr, params.seed, fixed)[: args.limit]
     rows: list[dict] = []
     setting = {"method": params.tuning.method, "mode": params.tuning.mode, "granularity": args.granularity,
                "blocks": list(blocks), "lr": args.lr, "steps": steps, "batch_size": params.train.batch_size,
-               "rungs": list(rungs), "objectives": objectives, "directions": directions, "split": "val",
+               "fixed": fixed, "rungs": list(rungs), "objectives": objectives, "directions": directions, "split": "val",
                "data_size_ratio": params.data.data_size_ratio, "n_repeats": params.data.n_repeats}
     t0 = time.perf_counter()
 
