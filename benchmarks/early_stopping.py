@@ -102,6 +102,10 @@ def costs(table, study, n_trials: int, stopping: bool) -> list[float]:
     return out
 
 
+def finite(x):
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
 def cost_to_reach(curve: list[float], cost: list[float], level: float) -> float:
     n = first_reaching(curve, level)
     return cost[int(n) - 1] if np.isfinite(n) else float("inf")
@@ -116,10 +120,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--population-size", type=int, default=8)
     ap.add_argument("--min-trials", type=int, default=4)
+    ap.add_argument("--rungs", type=int, nargs="*", default=None, help="use only these rungs (steps) of the table")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/early_stopping.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     table = load_table(args.table)
+    if args.rungs is not None:
+        table.setting["rungs"] = [r for r in table.setting["rungs"] if r in args.rungs]
+        table.rungs = {b: {k: v for k, v in r.items() if int(k) in args.rungs} for b, r in table.rungs.items()}
     runs = {"off": [], "on": []}
     for seed in range(args.seeds):
         for mode in runs:
@@ -139,7 +147,7 @@ def main() -> None:
             "cost_seconds_median": {str(b): float(np.median(cost[:, b - 1])) for b in BUDGETS if b <= args.max_trials},
             "stopped_median": float(np.median([r["n_stopped"] for r in rs])),
             "share_reaching_95": float(np.isfinite(reach).mean()),
-            "cost_to_95_median": float(np.median(reach)),
+            "cost_to_95_median": finite(float(np.median(reach))),  # None: the median seed never reaches it
         }
     ratio = {str(b): summary["on"]["cost_seconds_median"][str(b)] / summary["off"]["cost_seconds_median"][str(b)]
              for b in BUDGETS if b <= args.max_trials}
@@ -151,8 +159,9 @@ def main() -> None:
                 "spearman": predictiveness(table), "summary": summary,
                 "cost_ratio_at_equal_trials": ratio,
                 "cost_ratio_to_95": (summary["on"]["cost_to_95_median"] / summary["off"]["cost_to_95_median"]
-                                     if np.isfinite(summary["off"]["cost_to_95_median"]) else None),
-                "runs": {m: [{k: (np.round(v, 4).tolist() if isinstance(v, list) else v) for k, v in r.items()}
+                                     if summary["on"]["cost_to_95_median"] and summary["off"]["cost_to_95_median"]
+                                     else None),
+                "runs": {m: [{k: (np.round(v, 4).tolist() if isinstance(v, list) else finite(v)) for k, v in r.items()}
                              for r in rs] for m, rs in runs.items()}}, args.out)
     print(summary, ratio, flush=True)
 

@@ -66,12 +66,17 @@ def replay(table: Table, sampler: str, seed: int, *, n_trials: int, batch_size: 
     inner loop does (a failed trial: nothing to train)."""
     s = table.setting
     blocks = tuple(s["blocks"])
+    fixed = s.get("fixed") or {}
+    free = [i for i, b in enumerate(blocks) if b not in fixed]  # the searched bits; the fixed ones are set
     study = optuna.create_study(directions=s["directions"], sampler=S.SAMPLERS[sampler](seed, population_size))
-    space = S.search_space(len(blocks), (s["lr"],))
-    study.enqueue_trial(S.unmasked_params(len(blocks), (s["lr"],)))
+    space = S.search_space(len(free), (s["lr"],))
+    study.enqueue_trial(S.unmasked_params(len(free), (s["lr"],)))
 
     def make_mask(params: dict):
-        return S.mask_of(params, blocks, method=s["method"], mode=s["mode"], granularity=s["granularity"], options={})
+        full = {S.bit_name(i): fixed[b] for i, b in enumerate(blocks) if b in fixed}
+        full.update({S.bit_name(i): params[S.bit_name(j)] for j, i in enumerate(free)})
+        return S.mask_of({**full, "lr": params["lr"]}, blocks, method=s["method"], mode=s["mode"],
+                         granularity=s["granularity"], options={})
 
     def lookup(batch):
         return [S.Outcome(None, reason="no trainable parameters") if bits_of(m) in table.infeasible

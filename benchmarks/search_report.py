@@ -73,9 +73,12 @@ def early_stopping(res: dict) -> list[str]:
                    f"{res['cost_ratio_at_equal_trials'][b]:.2f} |")
     ratio = res.get("cost_ratio_to_95")
     out.append("")
+    def cost(x):
+        return "not reached by the median seed" if x is None else f"{x:.0f} s"
     out.append(f"Trials stopped (median of a {res['setting']['max_trials']}-trial search): {on['stopped_median']:g}. "
-               f"Cost to reach 95 % of the true hypervolume (median): off {off['cost_to_95_median']:.0f} s, on "
-               f"{on['cost_to_95_median']:.0f} s" + (f", ratio {ratio:.2f}." if ratio is not None else "."))
+               f"Cost to reach 95 % of the true hypervolume (median): off {cost(off['cost_to_95_median'])}, on "
+               f"{cost(on['cost_to_95_median'])} ({on['share_reaching_95']:.0%} of seeds reach it with stopping, "
+               f"{off['share_reaching_95']:.0%} without)" + (f", ratio {ratio:.2f}." if ratio is not None else "."))
     return out
 
 
@@ -83,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    for name, fn in (("exhaustive", exhaustive), ("samplers", samplers), ("early_stopping", early_stopping)):
+    for name, fn in (("exhaustive", exhaustive), ("samplers", samplers), ("samplers_pop4", samplers),
+                     ("early_stopping", early_stopping), ("early_stopping_rung80", early_stopping)):
         path = args.results / f"{name}.json"
         if path.exists():
             print(f"### {name}\n")
