@@ -14,6 +14,7 @@ Usage: python benchmarks/samplers.py [--table benchmarks/results/exhaustive.json
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,12 +32,18 @@ BUDGETS = (4, 8, 12, 16, 24, 32, 48, 64)
 LEVEL = 0.95
 
 
+def title(setting: dict) -> str:
+    free = len(setting["blocks"]) - len(setting.get("fixed") or {})
+    return (f"Exhaustive table, {free} free bits: {setting['seeds']} seeds, batch {setting['batch_size']}, "
+            f"population {setting['population_size']}")
+
+
 def quartiles(values: np.ndarray) -> dict:
     q1, med, q3 = np.percentile(values, [25, 50, 75])
     return {"q1": float(q1), "median": float(med), "q3": float(q3)}
 
 
-def plot(results: dict, path: Path, level: float) -> None:
+def plot(results: dict, path: Path, level: float, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +60,7 @@ def plot(results: dict, path: Path, level: float) -> None:
     ax.set_xlabel("distinct configurations scored (trials)")
     ax.set_ylabel("hypervolume / true front's")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Samplers on the exhaustive 7-block table (quartile bands)")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +77,12 @@ def main() -> None:
     ap.add_argument("--samplers", nargs="*", default=["random", "nsga2", "tpe", "gp"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/samplers.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/images/sampler_hypervolume.png"))
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out")
     args = ap.parse_args()
+    if args.replot:
+        res = json.loads(args.out.read_text())
+        plot(res["samplers"], args.plot, res["setting"]["level"], title(res["setting"]))
+        return
     torch.set_num_threads(1)
     table = load_table(args.table)
     results = {}
@@ -109,7 +121,7 @@ def main() -> None:
                                                              "level": LEVEL, "true_hypervolume": table.true_hv,
                                                              "reference_point": table.reference.tolist()},
                 "goal": goal, "samplers": results}, args.out)
-    plot(results, args.plot, LEVEL)
+    plot(results, args.plot, LEVEL, title(json.loads(args.out.read_text())["setting"]))
 
 
 if __name__ == "__main__":
