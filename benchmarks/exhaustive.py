@@ -1,4 +1,5 @@
-"""Ground truth for the search: every mask of the 7-block `transformer` space, trained and scored
+"""Ground truth for the search: every mask of the 7-block `transformer` space (or of the blocks
+left free by --fixed; the committed table fixes down_blocks.0.attentions.0 on: 64 masks), trained and scored
 exactly as a search trial is (memcontrol.arms.run_arm on the inner loop's rows, `train.steps` at
 `train.batch_size`, scored on val), at one learning rate; the objectives also at intermediate
 budgets (rungs, default 1/4 and 1/2 of the steps) for the multi-fidelity study; then a subset of
@@ -12,7 +13,7 @@ objectives at each rung and at the end, timings), the true Pareto front and its 
 The all-zero mask trains nothing; a search trial with it fails (no trainable parameters), and the
 table records it as infeasible without training.
 
-Usage: python benchmarks/exhaustive.py WORKDIR [--lr 1e-3] [--granularity transformer]
+Usage: python benchmarks/exhaustive.py WORKDIR [--lr 1e-3] [--granularity transformer] [--fixed BLOCK=BIT ...]
        [--rungs 0.25 0.5] [--noise-masks 8] [--noise-seeds 1 2] [--out benchmarks/results/exhaustive.json]
 WORKDIR holds params.yaml and the prepared data, base model and reference (stages prepare/base/reference).
 """
