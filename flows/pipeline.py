@@ -13,13 +13,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import parallel
+from memcontrol import fidelity as F
 from memcontrol import search as S
 from memcontrol import study_storage
 from memcontrol.arms import full_mask
-from memcontrol.base_model import block_list
 from memcontrol.compare import final_arms, summarize, write_comparison
 from memcontrol.config import OBJECTIVES, Params, load_params
 from memcontrol.evaluate import objective_values
+from memcontrol.method_choice import options_for, search_blocks
 from memcontrol.selection import pareto_and_select
 from memcontrol.workdir import Layout, write_json
 from tasks import stages as T
@@ -93,7 +94,7 @@ def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
 
 
 def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True) -> dict:
-    blocks = block_list(params, layout)
+    blocks = search_blocks(params, layout)
     study = _open_study(params, layout, blocks)
     study.set_user_attr("blocks", list(blocks))
     if exclusive:  # the study file's lock is ours: a RUNNING trial was left by a search that died
@@ -101,7 +102,7 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, layout.root)
     parent = tracking.parent_run(uri, params.tracking.experiment, layout.root, kind="study",
                                  name=study.study_name,
-                                 params={"method": params.tuning.method, "mode": params.tuning.mode,
+                                 params={"method": ",".join(params.tuning.methods), "mode": params.tuning.mode,
                                          "sampler": params.search.sampler, "seed": params.search.seed,
                                          "n_trials": params.search.n_trials,
                                          "objectives": ",".join(params.search.objectives), "blocks": ",".join(blocks),
@@ -118,13 +119,20 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
         rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
                         steps=params.train.steps)
         log_trial(params, workdir, parent, f"calibration-{name}", rec, str(out))
-    space = S.search_space(len(blocks), params.search.learning_rates)
+    methods = params.tuning.methods
+    space = S.search_space(len(blocks), params.search.learning_rates, methods)
     if not study.trials:  # the method with no mask first: the front's anchor, as Stage 2 compares it
-        study.enqueue_trial(S.unmasked_params(len(blocks), params.search.learning_rates))
+        study.enqueue_trial(S.unmasked_params(len(blocks), params.search.learning_rates, methods))
+    # early stopping (memcontrol/fidelity.py): scored at each rung, stopped when dominated there
+    stopping = params.search.early_stopping
+    rungs = F.rung_steps(params.train.steps, stopping.rungs) if stopping.enabled else ()
+    directions = [OBJECTIVES[o][1] for o in params.search.objectives]
 
     def make_mask(trial_params: dict):
-        return S.mask_of(trial_params, blocks, method=params.tuning.method, mode=params.tuning.mode,
-                         granularity=params.tuning.granularity, options=params.tuning.options)
+        method = trial_params.get("method", methods[0])
+        return S.mask_of(trial_params, blocks, method=method, mode=params.tuning.mode,
+                         granularity=params.tuning.granularity,
+                         options=options_for(method, dict(params.tuning.options), methods))
 
     def evaluate(batch) -> list[S.Outcome]:
         outcomes = []
@@ -132,15 +140,19 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
             tracker.trial_started(position)
             out = layout.trials / mask.digest()
             trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
+            on_rung = (F.stopper(study, trial, directions, min_points=stopping.min_trials,
+                                 values_of=lambda metrics: objective_values(params, metrics)) if rungs else None)
             try:
                 with study_storage.beating(study, trial._trial_id):  # Optuna's heartbeat while it runs
                     rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
-                                    steps=params.train.steps)
+                                    steps=params.train.steps, rungs=rungs, on_rung=on_rung)
             except Exception as e:  # one broken candidate must not end the study
                 log.exception("trial %d failed", trial.number)
                 outcomes.append(S.Outcome(None, reason=f"{type(e).__name__}: {e}"))
                 continue
-            outcomes.append(S.Outcome(objective_values(params, rec["metrics"]), rec))
+            if rec.get("rungs"):  # also when the arm was reused and on_rung never ran
+                trial.set_user_attr("rungs", {k: objective_values(params, m) for k, m in rec["rungs"].items()})
+            outcomes.append(S.Outcome(objective_values(params, rec["metrics"]), rec, stopped_at=rec.get("stopped_at")))
             log_trial(params, workdir, parent, f"trial-{trial.number:03d}", rec, str(out))
         return outcomes
 

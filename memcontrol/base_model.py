@@ -109,5 +109,5 @@ def load_base(layout: Layout, device: str = "cpu") -> Bundle:
 
 def block_list(params: Params, layout: Layout, method: str | None = None) -> tuple[str, ...]:
     """The search space's blocks: one bit per block of the base UNet for this method and mode."""
-    return block_layout(load_base(layout).unet, method or params.tuning.method, params.tuning.mode,
+    return block_layout(load_base(layout).unet, method or params.tuning.methods[0], params.tuning.mode,
                         params.tuning.granularity)

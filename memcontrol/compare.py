@@ -50,10 +50,12 @@ def write_comparison(params: Params, layout: Layout, table: pd.DataFrame) -> dic
     th = json.loads((layout.reference / "threshold.json").read_text())
     sel = json.loads(layout.selected_info.read_text()) if layout.selected_info.exists() else {}
     final = params.final
+    # the selected mask's method: the search may have chosen it (tuning.method a list)
+    method = Mask.load(layout.selected).method if layout.selected.exists() else params.tuning.methods[0]
     md = [
         "# Selected mask vs full fine-tuning",
         "",
-        f"Method `{params.tuning.method}` ({params.tuning.mode} mode); selected trial {sel.get('trial', '?')}, "
+        f"Method `{method}` ({params.tuning.mode} mode); selected trial {sel.get('trial', '?')}, "
         f"enabled blocks: {', '.join(sel.get('enabled_blocks', [])) or '(none)'}.",
         f"Stage 2: {final.steps} steps at batch {final.batch_size} on {final.data_size_ratio:g} of train + the "
         f"memorization subset x {final.n_repeats}; seeds: {list(final.seeds)}; memorization threshold "

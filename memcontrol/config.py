@@ -96,10 +96,25 @@ class Model(_Strict):
 
 
 class Tuning(_Strict):
-    method: str = "lora"
+    # one PEFT method, or a list: the search then chooses the method with the mask (docs/search.md)
+    method: str | tuple[str, ...] = "lora"
     mode: Literal["full", "reference"] = "full"
     granularity: Literal["transformer", "resnet", "sublayer"] = "transformer"
     options: dict[str, float | int | str | bool] = {}
+
+    @field_validator("method")
+    @classmethod
+    def _methods(cls, value):
+        if isinstance(value, tuple):
+            if not value or len(set(value)) != len(value) or not all(value):
+                raise ValueError(f"tuning.method: a list needs distinct method names, got {list(value)}")
+            return value[0] if len(value) == 1 else value
+        return value
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods the search chooses from (one unless tuning.method is a list)."""
+        return self.method if isinstance(self.method, tuple) else (self.method,)
 
 
 class Train(_Strict):
@@ -170,10 +185,27 @@ OBJECTIVES = {
 }
 
 
+class EarlyStopping(_Strict):
+    """Multi-fidelity stopping (memcontrol/fidelity.py): a trial is scored after each rung (a share of
+    train.steps) and stopped there when its point is dominated by the front of earlier trials'
+    points at the same rung (successive halving on the Pareto rank)."""
+
+    enabled: bool = False
+    rungs: tuple[float, ...] = (0.25, 0.5)
+    min_trials: int = Field(4, ge=1)    # earlier points at a rung before any trial is stopped there
+
+    @field_validator("rungs")
+    @classmethod
+    def _shares(cls, value):
+        if not value or any(not 0 < r < 1 for r in value) or len(set(value)) != len(value):
+            raise ValueError(f"search.early_stopping.rungs: distinct shares of train.steps in (0, 1), got {list(value)}")
+        return tuple(sorted(value))
+
+
 class Search(_Strict):
     n_trials: int = Field(12, ge=1)
     batch_size: int = Field(4, ge=1)
-    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    sampler: Literal["nsga2", "tpe", "random", "gp"] = "nsga2"
     population_size: int = Field(8, ge=2)
     seed: int = 0
     learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the LR grid searched with the mask bits
@@ -201,6 +233,7 @@ class Search(_Strict):
             raise ValueError("not an SQLAlchemy URL; expected e.g. sqlite:///search/study.db or "
                              "postgresql+psycopg://user@host:5432/memcontrol") from None
         return value
+    early_stopping: EarlyStopping = EarlyStopping()
 
     @model_validator(mode="after")
     def _check(self) -> "Search":
@@ -213,6 +246,9 @@ class Search(_Strict):
         if self.dask_address is not None and self.workers == 1:
             raise ValueError("search.dask_address is set but search.workers is 1: set workers to the number of "
                              "Dask workers (GPUs) the cluster has")
+        if self.early_stopping.enabled and self.workers > 1:  # the rung check runs in the search process only
+            raise ValueError("search.early_stopping.enabled with search.workers > 1 is not supported yet: "
+                             "set workers: 1 or turn early stopping off")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown:
             raise ValueError(f"search.objectives: unknown {unknown}; known: {sorted(OBJECTIVES)}")

@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = {
     "nsga2": lambda seed, pop: optuna.samplers.NSGAIISampler(population_size=pop, seed=seed),
-    "tpe": lambda seed, pop: optuna.samplers.TPESampler(seed=seed, n_startup_trials=pop, multivariate=True),
+    # constant_liar: a batch's trials still running count as bad points, so one batch's proposals spread out
+    "tpe": lambda seed, pop: optuna.samplers.TPESampler(seed=seed, n_startup_trials=pop, multivariate=True,
+                                                        constant_liar=True),
     "random": lambda seed, pop: optuna.samplers.RandomSampler(seed=seed),
+    # a Gaussian process over the bits (Optuna's log-EHVI for several objectives); `population_size`
+    # random trials first
+    "gp": lambda seed, pop: optuna.samplers.GPSampler(seed=seed, n_startup_trials=pop, warn_independent_sampling=False),
 }
 
 
@@ -37,11 +42,14 @@ def bit_name(i: int) -> str:
     return f"b{i:02d}"
 
 
-def search_space(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
+def search_space(n_blocks: int, learning_rates: tuple[float, ...], methods: tuple[str, ...] = ()) -> dict:
     """One bit per block and the learning rate from a small grid: a finite space, so a proposal
-    equal to an earlier one is recognised (and answered from it) rather than trained again."""
+    equal to an earlier one is recognised (and answered from it) rather than trained again. With
+    more than one of `methods` (tuning.method a list), the method is chosen too."""
     space = {bit_name(i): CategoricalDistribution([0, 1]) for i in range(n_blocks)}
     space["lr"] = CategoricalDistribution(list(learning_rates))
+    if len(methods) > 1:
+        space["method"] = CategoricalDistribution(list(methods))
     return space
 
 
@@ -162,26 +170,42 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...]) -> dict:
-    """Every block on, the middle learning rate of the grid: the method with no mask."""
-    return {**{bit_name(i): 1 for i in range(n_blocks)}, "lr": learning_rates[len(learning_rates) // 2]}
+def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...], methods: tuple[str, ...] = ()) -> dict:
+    """Every block on, the middle learning rate of the grid: the method with no mask (the first
+    method of a list)."""
+    out = {**{bit_name(i): 1 for i in range(n_blocks)}, "lr": learning_rates[len(learning_rates) // 2]}
+    return {**out, "method": methods[0]} if len(methods) > 1 else out
 
 
 def evaluated(study: optuna.Study) -> dict[str, FrozenTrial]:
-    """mask digest -> the completed trial that trained and scored it (answers to duplicates excluded)."""
-    return {t.user_attrs["mask_digest"]: t for t in completed(study) if "mask_digest" in t.user_attrs}
+    """mask digest -> the completed (or early-stopped) trial that trained and scored it (answers to
+    duplicates excluded)."""
+    return {t.user_attrs["mask_digest"]: t for t in completed(study) + stopped(study) if "mask_digest" in t.user_attrs}
 
 
 def n_finished(study: optuna.Study) -> int:
-    """Distinct configurations scored: what `search.n_trials` counts (a repeat costs no budget)."""
-    return len(completed(study))
+    """Distinct configurations scored, early-stopped ones included: what `search.n_trials` counts
+    (a repeat costs no budget)."""
+    return len(completed(study)) + len(stopped(study))
+
+
+def stopped(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials stopped at a rung (memcontrol/fidelity.py): PRUNED, with `stopped_at` and `partial_values`."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+            if "stopped_at" in t.user_attrs and "duplicate_of" not in t.user_attrs]
 
 
 def answer_duplicate(study: optuna.Study, trial: optuna.Trial, earlier: FrozenTrial) -> None:
     """Tell `trial` the values of the earlier trial of the same configuration, without training:
-    the sampler learns the same as from the first, and the budget is not spent."""
+    the sampler learns the same as from the first, and the budget is not spent. A repeat of an
+    early-stopped trial is stopped too."""
     trial.set_user_attr("duplicate_of", earlier.number)
-    study.tell(trial, earlier.values)
+    if earlier.state == TrialState.PRUNED:
+        for key in ("stopped_at", "partial_values"):
+            trial.set_user_attr(key, earlier.user_attrs.get(key))
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, earlier.values)
 
 
 def unseen_configuration(study: optuna.Study, space: dict, seed: int) -> dict | None:
@@ -210,9 +234,48 @@ def ask_batch(study: optuna.Study, space: dict, n: int) -> list[optuna.Trial]:
     return trials
 
 
+def fill_batch(
+    study: optuna.Study, space: dict, n: int, make_mask: Callable[[dict], Mask], scored: dict[str, FrozenTrial],
+    seed: int, repeats: int = 0,
+) -> tuple[list[tuple[optuna.Trial, Mask]], list[tuple[optuna.Trial, str]], int]:
+    """Ask until `n` proposals are distinct from every scored configuration and from each other.
+
+    A proposal repeating a scored configuration is answered from it at once (it costs nothing and
+    the sampler learns it); one repeating a member of this batch is kept as a twin, answered once
+    its twin is scored, and another is asked (TPE's constant liar already steers it away from the
+    batch's running trials). After MAX_REPEATS repeats in a row, one unscored configuration of the
+    space is drawn at random. Returns (batch, twins, repeats so far); the batch is short (or empty)
+    only when every configuration of the space is taken."""
+    batch: list[tuple[optuna.Trial, Mask]] = []
+    twins: list[tuple[optuna.Trial, str]] = []
+    while len(batch) < n:
+        if repeats >= MAX_REPEATS:
+            fresh = unseen_configuration(study, space, seed)
+            if fresh is None:
+                break
+            log.warning("the sampler repeated %d configurations in a row; trying an unscored one", repeats)
+            study.enqueue_trial(fresh)
+            repeats = 0
+        [trial] = ask_batch(study, space, 1)
+        mask = make_mask(trial.params)
+        digest = mask.digest()
+        trial.set_user_attr("mask_digest", digest)
+        if digest in scored:
+            answer_duplicate(study, trial, scored[digest])
+            repeats += 1
+        elif any(m.digest() == digest for _, m in batch):
+            twins.append((trial, digest))
+            repeats += 1
+        else:
+            batch.append((trial, mask))
+            repeats = 0
+    return batch, twins, repeats
+
+
 def mask_of(params: dict, blocks: tuple[str, ...], *, method: str, mode: str, granularity: str, options: dict) -> Mask:
+    """The mask of a trial's parameters; a `method` parameter (a searched method) overrides `method`."""
     bits = tuple(int(params[bit_name(i)]) for i in range(len(blocks)))
-    return Mask(method=method, blocks=blocks, bits=bits, lr=float(params["lr"]), mode=mode,
+    return Mask(method=params.get("method", method), blocks=blocks, bits=bits, lr=float(params["lr"]), mode=mode,
                 granularity=granularity, options=dict(options))
 
 
@@ -248,6 +311,7 @@ class Outcome:
     record: dict | None = None
     reason: str = ""
     lost: bool = False  # its worker died: the trial stays RUNNING until the heartbeat fails and retries it
+    stopped_at: int | None = None  # the rung step where it was stopped early; `values` are that rung's
 
 
 def optimize(
@@ -264,9 +328,9 @@ def optimize(
 ) -> None:
     """The ask/tell loop until `n_trials` distinct configurations are scored.
 
-    Each round asks `batch_size` proposals. A proposal whose mask was scored before (or earlier in
-    the same batch) is answered from that result without training and costs no budget; the rest go
-    to `evaluate` together (which may run them in parallel) and are told their values, or FAIL with
+    Each round asks `batch_size` distinct unscored proposals (`fill_batch`: a proposal whose mask
+    was scored before, or earlier in the same batch, is answered from that result without training,
+    costs no budget, and another is asked); they go to `evaluate` together (which may run them in parallel) and are told their values, or FAIL with
     the reason. `record` of each outcome is kept on the trial (user attr) for the trials table.
     After `max_failures` failed evaluations in a row the search stops with SearchError naming the
     first one's cause (a missing file fails every trial alike; asking again would loop forever).
@@ -288,26 +352,13 @@ def optimize(
                 break
             time.sleep(study_storage.heartbeat_interval(study) or 1)  # until they finish or go stale
             continue
-        if repeats >= MAX_REPEATS and (fresh := unseen_configuration(study, space, seed)) is not None:
-            log.warning("the sampler repeated %d scored configurations in a row; trying an unscored one", repeats)
-            study.enqueue_trial(fresh)
-            repeats = 0
-        batch: list[tuple[optuna.Trial, Mask]] = []
-        twins: list[tuple[optuna.Trial, str]] = []
-        for trial in ask_batch(study, space, min(batch_size, left)):
-            mask = make_mask(trial.params)
-            digest = mask.digest()
-            trial.set_user_attr("mask_digest", digest)
-            if digest in scored:
-                answer_duplicate(study, trial, scored[digest])
-                repeats += 1
-            elif any(m.digest() == digest for _, m in batch):
-                twins.append((trial, digest))
-            else:
-                batch.append((trial, mask))
+        batch, twins, repeats = fill_batch(study, space, min(batch_size, left), make_mask, scored, seed, repeats)
         if not batch:
-            continue
-        repeats = 0
+            if running:  # the rest of the space is being scored by other workers
+                time.sleep(study_storage.heartbeat_interval(study) or 1)
+                continue
+            log.warning("every configuration of the space is scored: the search ends with %d", n_finished(study))
+            break
         for (trial, mask), outcome in zip(batch, evaluate(batch)):
             if outcome.lost:
                 log.warning("trial %d lost its worker (%s); it is retried once its heartbeat is stale",
@@ -315,7 +366,12 @@ def optimize(
                 continue
             if outcome.record is not None:
                 trial.set_user_attr("record", json.dumps(outcome.record, default=str))
-            tell(study, trial, outcome.values, reason=outcome.reason)
+            if outcome.stopped_at is not None:
+                trial.set_user_attr("stopped_at", outcome.stopped_at)
+                trial.set_user_attr("partial_values", outcome.values)
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                tell(study, trial, outcome.values, reason=outcome.reason)
             if outcome.values is not None and all(v == v for v in outcome.values):
                 scored[mask.digest()] = study.get_trials(deepcopy=False)[trial.number]
                 failures = []

@@ -13,30 +13,39 @@ from memcontrol.config import OBJECTIVES, Params
 from memcontrol.evaluate import objective_values
 from memcontrol.pareto import is_pareto_front, select
 from memcontrol.report import pareto_plot
-from memcontrol.search import completed
+from memcontrol.search import completed, stopped
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout, write_csv, write_json
 from memcontrol.errors import MissingInput
 
 
 def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
-    """One row per completed trial: number, lr, bits, objectives, every metric, Pareto flag."""
+    """One row per completed trial: number, lr, bits, objectives, every metric, Pareto flag. Trials
+    stopped early (memcontrol/fidelity.py) are rows too, with their partial objectives, `stopped_at`
+    (the step) and never on the front."""
     rows = []
-    for trial in completed(study):
+    early = stopped(study)
+    early_numbers = {t.number for t in early}
+    for trial in sorted(completed(study) + early, key=lambda t: t.number):
         rec = json.loads(trial.user_attrs["record"])
         mask = rec["mask"]
-        row = {"number": trial.number, "lr": mask["lr"], "bits": "".join(map(str, mask["bits"])),
+        row = {"number": trial.number, "method": mask["method"], "lr": mask["lr"], "bits": "".join(map(str, mask["bits"])),
                "enabled": ",".join(b for b, bit in zip(mask["blocks"], mask["bits"]) if bit),
                "trial_dir": trial.user_attrs.get("trial_dir", "")}
-        for objective, value in zip(params.search.objectives, trial.values):
+        values = trial.user_attrs["partial_values"] if trial.number in early_numbers else trial.values
+        for objective, value in zip(params.search.objectives, values):
             row[objective] = value
+        if early:
+            row["stopped_at"] = trial.user_attrs.get("stopped_at")
         row.update(rec["metrics"])
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     directions = [OBJECTIVES[o][1] for o in params.search.objectives]
-    df["pareto"] = is_pareto_front(df[list(params.search.objectives)].to_numpy(), directions)
+    done = df["stopped_at"].isna() if early else pd.Series(True, index=df.index)  # a partial point is no result
+    df["pareto"] = False
+    df.loc[done, "pareto"] = is_pareto_front(df.loc[done, list(params.search.objectives)].to_numpy(), directions)
     return df.sort_values("number").reset_index(drop=True)
 
 

@@ -81,12 +81,15 @@ def finetune(
     text_transform: TextTransform | None = None,
     loss_filter: LossFilter | None = None,
     progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Run `steps` AdamW steps (beta 0.9/0.999, eps 1e-8, constant LR) in place on `unet`.
 
     Items are drawn by a seeded permutation, epoch after epoch. Captions are replaced by "" with
     probability `cfg_dropout` (exactly, not the reference's randint/100 < p) so the model learns
-    the unconditional branch classifier-free guidance needs."""
+    the unconditional branch classifier-free guidance needs. `should_stop(n_steps_done)`, called after
+    each step, ends the run early when it returns True (multi-fidelity early stopping,
+    memcontrol/fidelity.py); TrainResult.steps is then the steps actually run."""
     import time
 
     if len(data) == 0:
@@ -161,9 +164,12 @@ def finetune(
             progress(step + 1, losses[-1])
         if (step + 1) % max(1, steps // 10) == 0:  # visible in Prefect logs, where no bar is drawn
             log.info("finetune: step %d/%d, loss %.4f", step + 1, steps, float(np.mean(losses[-20:])))
+        if should_stop is not None and should_stop(step + 1):
+            log.info("finetune: stopped early after %d/%d steps", step + 1, steps)
+            break
     unet.eval()
     if gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     seconds = time.perf_counter() - t0
-    log.info("finetune: %d steps in %.1fs, final loss %.4f", steps, seconds, float(np.mean(losses[-10:])))
-    return TrainResult(losses=losses, steps=steps, seconds=seconds, dropped=dropped)
+    log.info("finetune: %d steps in %.1fs, final loss %.4f", len(losses), seconds, float(np.mean(losses[-10:])))
+    return TrainResult(losses=losses, steps=len(losses), seconds=seconds, dropped=dropped)

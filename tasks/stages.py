@@ -40,16 +40,19 @@ def reference(params: Params, root: str) -> str:
 
 
 @task(cache_policy=NO_CACHE, tags=["gpu"])
-def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str, seed: int, steps: int) -> dict:
+def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str, seed: int, steps: int,
+            rungs: tuple[int, ...] = (), on_rung=None) -> dict:
     """Fine-tune with one mask and evaluate it (arm "trial": the inner loop's rows and batch size;
-    otherwise Stage 2's). A finished arm with the same key is reused by the library."""
+    otherwise Stage 2's). A finished arm with the same key is reused by the library. `rungs` and
+    `on_rung`: scored at intermediate steps and maybe stopped there (memcontrol/fidelity.py)."""
     layout = Layout(Path(root))
     trial = arm == "trial"
     ctx = EvalContext(params, layout, split="val" if trial else "test")
     rows = arms.search_rows(params, ctx) if trial else arms.final_rows(params, ctx)
     with bars(f"{arm} {Path(out_dir).name}: ") as progress:
         return arms.run_arm(params, layout, ctx, Mask.from_json(mask_json), Path(out_dir), rows=rows, steps=steps,
-                            seed=seed, progress=progress, batch_size=None if trial else params.final.batch_size)
+                            seed=seed, progress=progress, batch_size=None if trial else params.final.batch_size,
+                            rungs=tuple(rungs), on_rung=on_rung)
 
 
 @task(cache_policy=NO_CACHE)

@@ -328,7 +328,7 @@ PARAMS_CASES = {
         "train:\n  steps: many\n",
     Case("params: NaN", "prepare", r"train\.grad_clip: Input should be a finite number \(got nan\)", 2):
         "train:\n  grad_clip: .nan\n",
-    Case("params: unknown sampler", "prepare", r"search\.sampler: Input should be 'nsga2', 'tpe' or 'random' \(got 'cmaes'\)", 2):
+    Case("params: unknown sampler", "prepare", r"search\.sampler: Input should be 'nsga2', 'tpe', 'random' or 'gp' \(got 'cmaes'\)", 2):
         "search:\n  sampler: cmaes\n",
     Case("params: not YAML", "prepare", r"params\.yaml: not valid YAML: .* at line 2, column 1", 2): "train: [steps: 3\n",
     Case("params: file missing", "prepare", r"missing\.yaml: file not found", 2): None,

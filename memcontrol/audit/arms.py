@@ -26,6 +26,7 @@ from memcontrol.audit.attack import attack_arm, tile_threshold
 from memcontrol.base_model import base_model_path, model_resolution
 from memcontrol.config import Params
 from memcontrol.evaluate import EvalContext
+from memcontrol.method_choice import options_for
 from memcontrol.progress import Progress, ticker
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout
@@ -63,7 +64,7 @@ def arm_mask(params: Params, layout: Layout, base: str, selected: Mask | None) -
         if method not in params.audit.method_lr:
             raise ValueError(f"audit.method_lr has no learning rate for method {method!r}")
         lr = params.audit.method_lr[method]
-        options = dict(params.tuning.options) if method == params.tuning.method else {}
+        options = options_for(method, dict(params.tuning.options), params.tuning.methods) if method in params.tuning.methods else {}
     return Mask(method=method, blocks=(), bits=(), lr=lr, mode="reference", options=options)
 
 
