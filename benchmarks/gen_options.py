@@ -3,7 +3,7 @@ alternating, same prompts and seeds, on one torch thread; each scored with the t
 
     python benchmarks/gen_options.py --workdir W [--repeats 2] [--out benchmarks/results/gen_options.json]
 
-The model is the base model fine-tuned once as a trial (all blocks, train.steps, seed 0), so the
+The model is the base model fine-tuned once as a trial (all blocks, --train-steps, seed 0), so the
 memorization and quality metrics have something to measure. Options: torch.inference_mode instead
 of no_grad, channels_last UNet, bf16 autocast, torch.compile (CPU inductor; compile time reported
 apart), and cheaper samplers (DPM-Solver++ 2M at 4 and 6 steps, DDIM at 6) against DDIM at
@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=None, help="fine-tuning steps of the model (default train.steps)")
     ap.add_argument("--compile", action="store_true", help="also try torch.compile (minutes of compiling)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gen_options.json")
     a = ap.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     torch.manual_seed(params.seed)
     prepared = tuning.apply(bundle.unet, mask)
     finetune(bundle.unet, prepared.groups, ctx.encoded.train_data(search_rows(params, ctx)), bundle.scheduler,
-             steps=params.train.steps, batch_size=params.train.batch_size, seed=params.seed,
+             steps=a.train_steps or params.train.steps, batch_size=params.train.batch_size, seed=params.seed,
              cfg_dropout=params.train.cfg_dropout, grad_clip=params.train.grad_clip,
              weight_decay=params.train.weight_decay, device="cpu")
     unet = bundle.unet.eval()
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
                      **{k: metrics[k] for k in ("mem.flagged_rate", "mem.mean_sim", "quality.kid_mean", "quality.fid")}})
         print(rows[-1], flush=True)
     result = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "model": f"base fine-tuned as a trial: all blocks, {params.train.steps} steps, seed {params.seed}",
+              "model": f"base fine-tuned as a trial: all blocks, {a.train_steps or params.train.steps} steps, seed {params.seed}",
               "n_images": len(seeds), "guidance": sample.guidance, "batch": sample.batch_size, "repeats": a.repeats,
               "compile": compile_info, "rows": rows, "wall_s": round(time.perf_counter() - t_start, 1)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
