@@ -37,27 +37,37 @@ def f(x: float, nd: int = 2) -> str:
 def profile_table() -> str:
     d = load("trial_profile.json")
     runs = d["runs"]
-    head = "| part | " + " | ".join(r["label"] for r in runs) + " |\n|---|" + "---|" * len(runs)
+
+    def basis(r):  # CPU time where the run recorded it (robust to the shared machine's load), else wall
+        return ("parts_cpu_s", "CPU") if "parts_cpu_s" in r else ("parts_s", "wall")
+
+    head = "| part | " + " | ".join(f"{r['label']} ({basis(r)[1]} s)" for r in runs) + " |\n|---|" + "---|" * len(runs)
     lines = [head]
     for part, label in PART_NAMES.items():
-        cells = [f"{f(r['parts_s'][part])} s ({100 * r['parts_share'][part]:.1f} %)" for r in runs]
+        cells = []
+        for r in runs:
+            key, _ = basis(r)
+            cells.append(f"{f(r[key][part])} ({100 * r[key][part] / r[key]['total']:.1f} %)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| **total (split trial)** | " + " | ".join(f"**{f(r['parts_s']['total'], 1)} s**" for r in runs) + " |")
-    lines.append("| same trial through `run_arm`, same process | " + " | ".join(
-        f"{f(r['run_arm_median_s'], 1)} s" for r in runs) + " |")
+    lines.append("| **total (split trial)** | " + " | ".join(f"**{f(r[basis(r)[0]]['total'], 1)}**" for r in runs) + " |")
+    lines.append("| wall time of the split trial | " + " | ".join(f"{f(r['parts_s']['total'], 1)}" for r in runs) + " |")
+    lines.append("| the same trial through `run_arm`, same process (CPU / wall s) | " + " | ".join(
+        (f"{f(r['run_arm_median_cpu_s'], 1)} / " if "run_arm_median_cpu_s" in r else "– / ") + f"{f(r['run_arm_median_s'], 1)}"
+        for r in runs) + " |")
     lines.append("| metrics of the split trial equal `run_arm`'s | " + " | ".join(
         str(r["metrics_equal_to_run_arm"]) for r in runs) + " |")
-    lines.append("| once per search, not per trial: reference index, cached latents/text, features, embedder | " + " | ".join(
-        f"{f(r['setup_once_per_search_s']['total'])} s" for r in runs) + " |")
-    lines.append("| peak RSS of the process (setup + warm-up + trials) | " + " | ".join(
+    lines.append("| once per search, not per trial: reference index, cached latents/text, features, embedder (wall s) | "
+                 + " | ".join(f"{f(r['setup_once_per_search_s']['total'])}" for r in runs) + " |")
+    lines.append("| peak RSS of the process (setup, trials) | " + " | ".join(
         f"{r['peak_rss_mb_process']:.0f} MB" for r in runs) + " |")
-    t = runs[0]["trial"]
     lines.append("")
-    lines.append(f"Trial: {t['train_steps']} fine-tuning steps at batch {t['train_batch']} on {t['n_train_rows']} rows, "
-                 f"{t['generations']} generations at {t['sample_steps']} DDIM steps, guidance {t['guidance']}, "
-                 f"index of {t['index_size']} training images; mask: {t['mask']['method']}, "
-                 f"{t['mask']['enabled_blocks']} of {t['mask']['n_blocks']} blocks. One torch thread; "
-                 f"{d['repeats']} repeat(s) after a warm-up.")
+    for r in runs:
+        t, m = r["trial"], r["model"]
+        lines.append(f"- {r['label']}: UNet {m['unet_parameters']:,} parameters, VAE {m['vae_parameters']:,}, "
+                     f"text encoder {m['text_encoder']}, {m['resolution']} px; {t['train_steps']} fine-tuning steps at batch "
+                     f"{t['train_batch']} on {t['n_train_rows']} rows, {t['generations']} generations at {t['sample_steps']} "
+                     f"DDIM steps, guidance {t['guidance']}, index of {t['index_size']} training images; mask: "
+                     f"{t['mask']['method']}, {t['mask']['enabled_blocks']} of {t['mask']['n_blocks']} blocks.")
     return "\n".join(lines)
 
 
@@ -67,15 +77,16 @@ def obvious_tables() -> str:
     out = []
     parts = []
     for m in masks.values():
-        for k in m["obvious"]["parts_s"]:
+        for k in m["obvious"]["parts_cpu_s"]:
             if k not in parts and k != "total":
                 parts.append(k)
-    out.append("| part of the obvious trial | " + " | ".join(masks) + " |\n|---|" + "---|" * len(masks))
+    out.append("| part of the obvious trial (CPU s) | " + " | ".join(masks) + " |\n|---|" + "---|" * len(masks))
     for p in parts:
-        out.append(f"| {p.replace('_', ' ')} | " + " | ".join(f"{f(m['obvious']['parts_s'].get(p, 0.0), 1)} s" for m in masks.values()) + " |")
-    out.append("| **obvious trial, total** | " + " | ".join(f"**{f(m['obvious']['parts_s']['total'], 1)} s**" for m in masks.values()) + " |")
-    out.append("| **our trial (`run_arm`), same mask and seed** | " + " | ".join(f"**{f(m['ours'][0]['wall_s'], 1)} s**" for m in masks.values()) + " |")
-    out.append("| **obvious / ours** | " + " | ".join(f"**{f(m['ratio_obvious_over_ours'], 1)}x**" for m in masks.values()) + " |")
+        out.append(f"| {p.replace('_', ' ')} | " + " | ".join(f"{f(m['obvious']['parts_cpu_s'].get(p, 0.0), 1)}" for m in masks.values()) + " |")
+    out.append("| **obvious trial, total** | " + " | ".join(f"**{f(m['obvious']['parts_cpu_s']['total'], 1)}**" for m in masks.values()) + " |")
+    out.append("| **our trial (`run_arm`), same mask and seed** | " + " | ".join(f"**{f(m['ours'][0]['cpu_s'], 1)}**" for m in masks.values()) + " |")
+    out.append("| **obvious / ours (CPU time)** | " + " | ".join(f"**{f(m['ratio_obvious_over_ours'], 1)}x**" for m in masks.values()) + " |")
+    out.append("| obvious / ours (wall time, loaded machine) | " + " | ".join(f"{f(m['ratio_obvious_over_ours_wall'], 1)}x" for m in masks.values()) + " |")
     out.append("")
     out.append("Decision metrics (val split; ours at two training seeds, the second showing the seed noise):")
     out.append("")
@@ -97,8 +108,8 @@ def obvious_tables() -> str:
     if g:
         out.append("")
         out.append(f"Generation alone, {g['n_images']} images, DDIM {g['steps']} steps, guidance {g['guidance']}, same "
-                   f"prompts and seeds: our `generate` {f(statistics.median(g['ours_s']), 1)} s, "
-                   f"`StableDiffusionPipeline` {f(statistics.median(g['pipeline_s']), 1)} s "
+                   f"prompts and seeds: our `generate` {f(statistics.median(g['ours_cpu_s']), 1)} CPU s, "
+                   f"`StableDiffusionPipeline` {f(statistics.median(g['pipeline_cpu_s']), 1)} CPU s "
                    f"(**{f(g['ratio_pipeline_over_ours'], 2)}x** ours); largest pixel difference "
                    f"{g['max_abs_pixel_diff']:.1e}, mean {g['mean_abs_pixel_diff']:.1e} (pixels in [0, 1]).")
     return "\n".join(out)
@@ -131,10 +142,10 @@ def flops_table() -> str:
 
 def options_table() -> str:
     d = load("gen_options.json")
-    out = ["| option | denoise s | speed vs default | max pixel diff | flagged rate | mean NN sim | KID | FID |\n"
+    out = ["| option | denoise CPU s | speed vs default | max pixel diff | flagged rate | mean NN sim | KID | FID |\n"
            "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        out.append(f"| {r['option']} | {f(statistics.median(r['denoise_s']), 1)} | {f(r['speedup_vs_default'], 2)}x | "
+        out.append(f"| {r['option']} | {f(statistics.median(r['denoise_cpu_s']), 1)} | {f(r['speedup_vs_default'], 2)}x | "
                    f"{r['max_abs_pixel_diff_vs_default']:.1e} | {f(r['mem.flagged_rate'], 3)} | {f(r['mem.mean_sim'], 3)} | "
                    f"{f(r['quality.kid_mean'], 3)} | {f(r['quality.fid'], 1)} |")
     if d.get("compile"):
@@ -145,12 +156,12 @@ def options_table() -> str:
 
 def scaling_table() -> str:
     d = load("trial_scaling.json")
-    out = ["| point | training rows | index size | generations | resolution | fine-tune s | generation s | decode s | "
-           "embedding s | FAISS s | scores s | total s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| point | training rows | index size | generations | resolution | fine-tune | generation | decode | "
+           "embedding | FAISS search | scores + AMD | total (CPU s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         if r["point"] == "size_x1":
             continue
-        p = r["parts_s"]
+        p = r["parts_cpu_s"]
         out.append(f"| {r['point']} | {r['n_train_rows']} | {r['index_size']} | {r['generations']} | {r['resolution']} | "
                    f"{f(p['finetune'], 1)} | {f(p['generation'], 1)} | {f(p['decode'], 2)} | {f(p['embedding'], 1)} | "
                    f"{f(p['faiss_search'], 3)} | {f(p['mem_scores'], 3)} | **{f(p['total'], 1)}** |")
@@ -169,8 +180,8 @@ def memory_table() -> str:
             out.append(f"| {name}: {stage} | {f(v['wall_s'], 1)} | {v['peak_rss_mb']:.0f} |")
     if tp:
         for r in tp["runs"]:
-            out.append(f"| trial process, {r['label']} (setup, warm-up, {1 + 2 * tp['repeats']} trials) | "
-                       f"{f(r['parts_s']['total'], 1)} per trial | {r['peak_rss_mb_process']:.0f} |")
+            out.append(f"| trial process, {r['label']} (setup, a short warm-up trial, 2 full trials) | "
+                       f"{f(r['parts_s']['total'], 1)} (one trial) | {r['peak_rss_mb_process']:.0f} |")
     return "\n".join(out)
 
 
@@ -181,13 +192,13 @@ BLOCKS = {"profile": profile_table, "obvious": obvious_tables, "flops": flops_ta
 def render(path: Path) -> None:
     text = path.read_text()
     for name, fn in BLOCKS.items():
-        pat = re.compile(rf"(<!-- perf:{name} -->\n).*?(\n<!-- /perf:{name} -->)", re.S)
+        pat = re.compile(rf"(<!-- perf:{name} -->\n)(?:.*?\n)?(<!-- /perf:{name} -->)", re.S)
         if pat.search(text):
             try:
                 body = fn()
             except (TypeError, KeyError) as e:  # a results file not there yet
                 body = f"(not measured yet: {type(e).__name__} {e})"
-            text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+            text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     path.write_text(text)
 
 

@@ -51,22 +51,32 @@ PARTS = ("data_loading", "finetune", "generation", "decode", "embedding", "faiss
 
 
 class Clock:
-    """Accumulates wall seconds per part."""
+    """Accumulates seconds per part: wall (`s`) and this process's CPU time (`cpu`). On one torch
+    thread the CPU time is the work done, whatever else the shared machine runs; wall time is not."""
 
     def __init__(self):
         self.s: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def part(self, name: str):
         clock = self
 
         class _Part:
             def __enter__(self):
-                self.t0 = time.perf_counter()
+                self.t0, self.c0 = time.perf_counter(), time.process_time()
 
             def __exit__(self, *exc):
                 clock.s[name] = clock.s.get(name, 0.0) + time.perf_counter() - self.t0
+                clock.cpu[name] = clock.cpu.get(name, 0.0) + time.process_time() - self.c0
 
         return _Part()
+
+
+def cpu_timed(fn):
+    """(fn(), wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def default_mask(params, layout) -> Mask:
@@ -117,7 +127,7 @@ def split_trial(params, layout, ctx: EvalContext, mask: Mask, out_dir: Path, *, 
     clock = Clock()
     sample, enc = params.sample, ctx.encoded
     steps = params.train.steps if steps is None else steps
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     with clock.part("data_loading"):
         bundle = load_base(layout)
         if resolution_factor != 1:
@@ -186,7 +196,8 @@ def split_trial(params, layout, ctx: EvalContext, mask: Mask, out_dir: Path, *, 
             T.log_child(tracking["uri"], "perf", tracking["root"], tracking["parent"], name=out_dir.name,
                         record={"key": str(out_dir), **record}, artifacts=[out_dir / "grid.png"])
     clock.s["total"] = time.perf_counter() - t_all
-    return clock.s, metrics
+    clock.cpu["total"] = time.process_time() - c_all
+    return {**clock.s, "cpu": clock.cpu}, metrics
 
 
 def tracking_target(root: Path) -> dict:
@@ -206,7 +217,7 @@ def profile(workdir: Path, repeats: int, label: str) -> dict:
     rows = search_rows(params, ctx)
     tmp = Path(tempfile.mkdtemp(prefix="trial_profile_"))
     track = tracking_target(tmp)
-    split_runs, arm_runs, equal = [], [], []
+    split_runs, arm_runs, arm_cpu, equal = [], [], [], []
     # warm-up (first calls: thread pools, kernels, the embedder, MLflow's store), not recorded
     split_trial(params, layout, ctx, mask, tmp / "warmup", rows=rows, seed=params.seed, steps=5, tracking=track)
     for r in range(repeats):
@@ -215,10 +226,10 @@ def profile(workdir: Path, repeats: int, label: str) -> dict:
                                tracking=track)
 
         def arm():
-            t1 = time.perf_counter()
-            rec = run_arm(params, layout, ctx, mask, tmp / f"arm{r}", rows=rows, steps=params.train.steps,
-                          seed=params.seed)
-            return rec, time.perf_counter() - t1
+            rec, wall, cpu = cpu_timed(lambda: run_arm(params, layout, ctx, mask, tmp / f"arm{r}", rows=rows,
+                                                       steps=params.train.steps, seed=params.seed))
+            arm_cpu.append(cpu)
+            return rec, wall
 
         if r % 2 == 0:  # alternate which goes first
             (parts, metrics), (rec, arm_s) = split(), arm()
@@ -229,7 +240,8 @@ def profile(workdir: Path, repeats: int, label: str) -> dict:
         equal.append(all(abs(rec["metrics"][k] - v) <= 1e-9 * max(1.0, abs(v)) for k, v in metrics.items()))
         print(f"[{label}] repeat {r}: split trial {parts['total']:.1f}s, run_arm {arm_runs[-1]:.1f}s, "
               f"metrics equal {equal[-1]}", flush=True)
-    med = {k: statistics.median(p[k] for p in split_runs) for k in split_runs[0]}
+    med = {k: statistics.median(p[k] for p in split_runs) for k in split_runs[0] if k != "cpu"}
+    med_cpu = {k: statistics.median(p["cpu"].get(k, 0.0) for p in split_runs) for k in split_runs[0]["cpu"]}
     bundle = load_base(layout)
     return {
         "label": label,
@@ -243,10 +255,14 @@ def profile(workdir: Path, repeats: int, label: str) -> dict:
                   "mask": {"method": mask.method, "enabled_blocks": int(sum(mask.bits)), "n_blocks": len(mask.bits)}},
         "setup_once_per_search_s": {k: round(v, 3) for k, v in setup_s.items()} | {"total": round(setup_total, 3)},
         "parts_s": {k: round(med.get(k, 0.0), 3) for k in (*PARTS, "total")},
-        "parts_share": {k: round(med.get(k, 0.0) / med["total"], 4) for k in PARTS},
-        "repeats": [{k: round(v, 3) for k, v in p.items()} for p in split_runs],
+        "parts_cpu_s": {k: round(med_cpu.get(k, 0.0), 3) for k in (*PARTS, "total")},
+        "parts_share": {k: round(med_cpu.get(k, 0.0) / med_cpu["total"], 4) for k in PARTS},
+        "repeats": [{k: (round(v, 3) if k != "cpu" else {c: round(x, 3) for c, x in v.items()}) for k, v in p.items()}
+                    for p in split_runs],
         "run_arm_s": [round(x, 3) for x in arm_runs],
         "run_arm_median_s": round(statistics.median(arm_runs), 3),
+        "run_arm_cpu_s": [round(x, 3) for x in arm_cpu],
+        "run_arm_median_cpu_s": round(statistics.median(arm_cpu), 3),
         "metrics_equal_to_run_arm": all(equal),
         "peak_rss_mb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -258,8 +274,8 @@ def table(result: dict) -> str:
     for part in (*PARTS, "total"):
         cells = []
         for r in result["runs"]:
-            s = r["parts_s"][part]
-            cells.append(f"{s:.2f} s ({100 * s / r['parts_s']['total']:.0f} %)" if part != "total" else f"**{s:.1f} s**")
+            s = r["parts_cpu_s"][part]
+            cells.append(f"{s:.2f} s ({100 * s / r['parts_cpu_s']['total']:.0f} %)" if part != "total" else f"**{s:.1f} s**")
         lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -270,24 +286,30 @@ def _one_thread() -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--workdir-sd", type=Path, default=None)
+    ap.add_argument("--append", action="store_true", help="keep the runs of other labels already in --out")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/trial_profile.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    jobs = [(a.workdir, "default (tiny model, CPU)")]
+    jobs = [(a.workdir, "default (tiny model, CPU)")] if a.workdir is not None else []
     if a.workdir_sd is not None:
         jobs.append((a.workdir_sd, "SD-1.5-layout folder (tests/sd_style.py, CPU)"))
     runs = []
     for workdir, label in jobs:  # each in its own process: its peak RSS is its own
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
             runs.append(pool.submit(profile, workdir, a.repeats, label).result())
+    if a.append and a.out.exists():
+        labels = {r["label"] for r in runs}
+        runs = [r for r in json.loads(a.out.read_text())["runs"] if r["label"] not in labels] + runs
+        runs.sort(key=lambda r: not r["label"].startswith("default"))
     result = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "repeats": a.repeats, "runs": runs, "wall_s": round(time.perf_counter() - t0, 1),
-              "note": "parts are medians over the repeats; total is the split trial's wall time; run_arm_s is the "
-                      "same trial through memcontrol.arms.run_arm, run alternately in the same process"}
+              "note": "parts are medians over the repeats: parts_s wall, parts_cpu_s the process's CPU time (one torch "
+                      "thread: the work, independent of the machine's load), parts_share from CPU time; run_arm_* is "
+                      "the same trial through memcontrol.arms.run_arm, run alternately in the same process"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
