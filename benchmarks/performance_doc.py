@@ -196,8 +196,8 @@ def render(path: Path) -> None:
         if pat.search(text):
             try:
                 body = fn()
-            except (TypeError, KeyError) as e:  # a results file not there yet
-                body = f"(not measured yet: {type(e).__name__} {e})"
+            except (TypeError, KeyError):  # a results file not there (yet)
+                body = "*No results file yet: not measured (see the text).*"
             text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     path.write_text(text)
 
