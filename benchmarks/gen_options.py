@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     rows = []
     for name in options:
         imgs = bundle.decode(latents[name])
-        metrics = score(params, ctx, bundle, imgs, n_mem, mem_p, ctx.index, None, Clock())
+        metrics = score(params, ctx, bundle, imgs, n_mem, mem_p, ctx.index, Clock())
         rows.append({"option": name, "denoise_cpu_s": [round(x, 3) for x in times[name]],
                      "denoise_wall_s": [round(x, 3) for x in walls[name]],
                      "speedup_vs_default": round(statistics.median(times[ref_name]) / statistics.median(times[name]), 3),

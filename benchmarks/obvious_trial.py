@@ -155,13 +155,13 @@ def obvious_trial(params, layout, ctx, mask: Mask, rows, *, seed: int, steps: in
         pipe.set_progress_bar_config(disable=True)
         imgs = pipe_generate(pipe, gen_prompts, seeds, steps=pipe_steps, guidance=sample.guidance,
                              batch=sample.batch_size)
-    metrics = score(params, ctx, bundle, imgs, n_mem, mem_p, index, train_f, clock)
+    metrics = score(params, ctx, bundle, imgs, n_mem, mem_p, index, clock)
     clock.s["total"] = time.perf_counter() - t_all
     clock.cpu["total"] = time.process_time() - c_all
     return {"wall": clock.s, "cpu": clock.cpu}, metrics
 
 
-def score(params, ctx, bundle, imgs, n_mem, mem_p, index, train_f, clock) -> dict:
+def score(params, ctx, bundle, imgs, n_mem, mem_p, index, clock) -> dict:
     sample, enc = params.sample, ctx.encoded
     with clock.part("embedding"):
         feats = ctx.embedder.embed(imgs)

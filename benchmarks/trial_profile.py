@@ -42,7 +42,7 @@ from memcontrol.memorization import amd, nn_scores, noise_norm  # noqa: E402
 from memcontrol.quality import fid_kid  # noqa: E402
 from memcontrol.report import pair_grid, save_image  # noqa: E402
 from memcontrol.sample import denoise, item_seed  # noqa: E402
-from memcontrol.train import finetune  # noqa: E402
+from memcontrol.train import finetune, resolve_device  # noqa: E402
 from memcontrol.tuning import Mask  # noqa: E402
 from memcontrol.workdir import Layout, write_json  # noqa: E402
 
@@ -128,8 +128,9 @@ def split_trial(params, layout, ctx: EvalContext, mask: Mask, out_dir: Path, *, 
     sample, enc = params.sample, ctx.encoded
     steps = params.train.steps if steps is None else steps
     t_all, c_all = time.perf_counter(), time.process_time()
+    device = resolve_device(params.train.device)  # as run_arm does
     with clock.part("data_loading"):
-        bundle = load_base(layout)
+        bundle = load_base(layout, device)
         if resolution_factor != 1:
             bundle.unet.register_to_config(sample_size=bundle.unet.config.sample_size * resolution_factor)
         torch.manual_seed(seed)
@@ -143,7 +144,7 @@ def split_trial(params, layout, ctx: EvalContext, mask: Mask, out_dir: Path, *, 
                        batch_size=params.train.batch_size, seed=seed, cfg_dropout=params.train.cfg_dropout,
                        grad_clip=params.train.grad_clip, weight_decay=params.train.weight_decay,
                        mixed_precision=params.train.mixed_precision,
-                       gradient_checkpointing=params.train.gradient_checkpointing, device="cpu")
+                       gradient_checkpointing=params.train.gradient_checkpointing, device=device)
     text, seeds, mem_p, n_mem = eval_inputs(ctx)
     imgs = []
     for i in range(0, len(seeds), sample.batch_size):
