@@ -181,7 +181,7 @@ def memory_table() -> str:
             out.append(f"| {name}: {stage} | {f(v['wall_s'], 1)} | {v['peak_rss_mb']:.0f} |")
     if tp:
         for r in tp["runs"]:
-            out.append(f"| trial process, {r['label']} (setup, a short warm-up trial, 2 full trials) | "
+            out.append(f"| trial process, {r['label']} (setup and its trials: split and run_arm) | "
                        f"{f(r['parts_s']['total'], 1)} (one trial) | {r['peak_rss_mb_process']:.0f} |")
     return "\n".join(out)
 
