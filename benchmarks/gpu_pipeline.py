@@ -11,6 +11,7 @@ per method with the whole-UNet (reference-mode) mask. Prints a table, writes JSO
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -66,11 +67,19 @@ def main(argv=None) -> None:
         mask = Mask(method=method, blocks=(), bits=(), lr=1e-5 if method == "full" else 1e-4, mode="reference")
         prep = tuning.apply(unet, mask)
         unet.to(a.device)
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         finetune(unet, prep.groups, data, sched, steps=2, batch_size=a.batch, seed=0,
                  mixed_precision=a.precision, gradient_checkpointing=a.checkpointing, device=a.device)  # warm-up
+        # The peak is the timed fine-tune's own: garbage of the warm-up and of earlier methods is
+        # collected first (before this, accelerate's fp16 optimizer wrapper kept each optimizer
+        # alive in a reference cycle and the fp16 rows' peaks included earlier runs' AdamW state:
+        # docs/performance.md "Memory").
+        gc.collect()
+        start = 0
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         res = finetune(unet, prep.groups, data, sched, steps=a.steps, batch_size=a.batch, seed=1,
                        mixed_precision=a.precision, gradient_checkpointing=a.checkpointing, device=a.device)
@@ -78,6 +87,7 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t0) / a.steps * 1000
         peak = torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else float("nan")
+        resident = start / 2**20  # UNet, VAE and whatever was still allocated when the timed run began
         bundle = Bundle(vae=vae, unet=unet.to(torch.float16 if a.precision == "fp16" and a.device == "cuda" else torch.float32),
                         text_encoder=None, tokenizer=None, scheduler=sched)
         t0 = time.perf_counter()
@@ -87,10 +97,11 @@ def main(argv=None) -> None:
         sample_s = time.perf_counter() - t0
         ok = bool(torch.isfinite(imgs).all()) and all(l == l for l in res.losses)
         rows.append({"method": method, "trainable": prep.trainable, "pct": round(prep.pct, 4), "step_ms": round(step_ms, 1),
-                     "peak_train_MB": round(peak, 0), "sample_25steps_4img_s": round(sample_s, 2),
+                     "peak_train_MB": round(peak, 0), "allocated_at_start_MB": round(resident, 0), "sample_25steps_4img_s": round(sample_s, 2),
                      "loss_first": round(res.losses[0], 4), "loss_last": round(res.losses[-1], 4), "finite": ok})
         print(rows[-1], flush=True)
-        del unet, bundle
+        del unet, bundle, prep, res
+        gc.collect()
         if a.device == "cuda":
             torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
@@ -99,10 +110,13 @@ def main(argv=None) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    if a.out:
+    if a.out:  # one key per precision/checkpointing setting, merged with the file's other keys
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"device": dev, "precision": a.precision, "checkpointing": a.checkpointing,
-                                     "batch": a.batch, "latent": lat, "rows": rows}, indent=2))
+        old = json.loads(a.out.read_text()) if a.out.exists() else {}
+        key = f"{a.precision}{'_ckpt' if a.checkpointing else ''}"
+        old[key] = {"device": dev, "precision": a.precision, "checkpointing": a.checkpointing, "batch": a.batch,
+                    "latent": lat, "rows": rows, "written_by": "benchmarks/gpu_pipeline.py"}
+        a.out.write_text(json.dumps(old, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ after the first two, and its peak memory is measured over the first two steps (g
 state and SV-Diff's W_delta cache are allocated there) above their start: from torch's allocation events (profiler) on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA. A sampling pass is
 ``--sample-steps`` DDIM steps at batch ``--batch`` with classifier-free guidance (2x batch per UNet
-call), no VAE. ``adapter_mb`` is the memory ``apply`` added (e.g. SV-Diff's SVD factors).
+call), no VAE. ``adapter_mb`` is the memory ``apply`` added (e.g. SV-Diff's SVD factors), counted from the UNet's
+parameters and buffers; ``adapter_alloc_mb`` the allocator's net change across ``apply`` (a cross-check).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import itertools
 import json
 import platform
@@ -94,6 +96,18 @@ class Memory:
         self.peak, self.net = max(0, max(running)), running[-1]
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages of a module's parameters and buffers: what an adapter adds,
+    counted from the tensors themselves. (The allocator's net change across `apply`, kept as
+    adapter_alloc_mb, also counts whatever else is freed meanwhile and went negative for LoRA in
+    the fp16 SD-1.5 run: docs/performance.md "Memory".)"""
+    seen = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), t.device)] = st.nbytes()
+    return sum(seen.values())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,11 +144,15 @@ def bench_method(
     noise = torch.randn(latents.shape, generator=g).to(device)
 
     unet = copy.deepcopy(base)
+    gc.collect()  # garbage of the previous method freed now, not inside the measurement below
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    before = tensor_bytes(unet)
     t0 = time.perf_counter()
     with Memory(device) as added:
         prepared = apply(unet, mask)
     apply_s = time.perf_counter() - t0  # includes the profiler's overhead on CPU
-    adapter_bytes = added.net
+    adapter_bytes = tensor_bytes(unet) - before
     if grad_ckpt:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -194,6 +212,7 @@ def bench_method(
         "total": prepared.total,
         "apply_s": apply_s,
         "adapter_mb": adapter_bytes / 2**20,
+        "adapter_alloc_mb": added.net / 2**20,
         "step_ms": 1000 * statistics.median(times),
         "step_peak_mb": mem.peak / 2**20,
         "sample_s": sample_s,

@@ -26,6 +26,38 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def denoise(
+    bundle: Bundle,
+    text: torch.Tensor,
+    seeds: list[int],
+    *,
+    steps: int = 20,
+    guidance: float = 4.0,
+    null_text: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One batch: text (b, L, D) states, seeds (b,) -> final latents (b, c, h, w), scaled, in the
+    UNet's dtype. DDIM with eta = 0 and classifier-free guidance as one 2b-batch UNet call per step."""
+    unet = bundle.unet.eval()
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    if null_text is None:
+        null_text = bundle.encode_prompts([""])
+    c = unet.config
+    shape = (c.in_channels, c.sample_size, c.sample_size)
+    cond = text.to(device, dtype)
+    b = len(cond)
+    sched = bundle.ddim()
+    sched.set_timesteps(steps)
+    z = initial_noise(shape, seeds).to(device, dtype) * sched.init_noise_sigma
+    ctx = torch.cat([null_text.to(device, dtype).expand(b, -1, -1), cond])
+    for t in sched.timesteps:
+        eps = unet(torch.cat([z, z]), t, encoder_hidden_states=ctx).sample
+        e_u, e_c = eps.chunk(2)
+        z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    return z
+
+
+@torch.no_grad()
 def generate(
     bundle: Bundle,
     text: torch.Tensor,
@@ -39,29 +71,17 @@ def generate(
 ) -> torch.Tensor:
     """text (n, L, D) states, seeds (n,) -> images (n, 3, H, W) float32 in [0, 1].
 
-    DDIM with eta = 0, so an image is a deterministic function of its seed and prompt."""
+    DDIM with eta = 0, so an image is a deterministic function of its seed and prompt. Batches of
+    `batch_size`: `denoise`, then the VAE decode."""
     if len(text) != len(seeds):
         raise ValueError(f"generate: {len(text)} prompts but {len(seeds)} seeds")
-    unet = bundle.unet.eval()
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
     if null_text is None:
         null_text = bundle.encode_prompts([""])
-    c = unet.config
-    shape = (c.in_channels, c.sample_size, c.sample_size)
     out = []
     for i in range(0, len(seeds), batch_size):
-        cond = text[i : i + batch_size].to(device, dtype)
-        b = len(cond)
-        sched = bundle.ddim()
-        sched.set_timesteps(steps)
-        z = initial_noise(shape, seeds[i : i + batch_size]).to(device, dtype) * sched.init_noise_sigma
-        ctx = torch.cat([null_text.to(device, dtype).expand(b, -1, -1), cond])
-        for t in sched.timesteps:
-            eps = unet(torch.cat([z, z]), t, encoder_hidden_states=ctx).sample
-            e_u, e_c = eps.chunk(2)
-            z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+        z = denoise(bundle, text[i : i + batch_size], seeds[i : i + batch_size], steps=steps, guidance=guidance,
+                    null_text=null_text)
         out.append(bundle.decode(z.float()))
         if progress is not None:
-            progress(b)
+            progress(len(z))
     return torch.cat(out)

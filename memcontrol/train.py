@@ -5,6 +5,7 @@ by the param groups handed in (memcontrol.tuning.apply builds them from a mask).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable
@@ -170,6 +171,13 @@ def finetune(
     unet.eval()
     if gradient_checkpointing:
         unet.disable_gradient_checkpointing()
+    # Release the optimizer (AdamW state) now. With fp16 on a GPU, accelerate's optimizer wrapper
+    # patches its own step method with a closure that refers back to it: a reference cycle that
+    # kept the optimizer, its state and the trained parameters alive until Python's cyclic GC ran,
+    # i.e. into the next trial (docs/performance.md "Memory").
+    del optimizer
+    accelerator.free_memory()
+    gc.collect()
     seconds = time.perf_counter() - t0
     log.info("finetune: %d steps in %.1fs, final loss %.4f", len(losses), seconds, float(np.mean(losses[-10:])))
     return TrainResult(losses=losses, steps=len(losses), seconds=seconds, dropped=dropped)
