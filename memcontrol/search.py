@@ -236,7 +236,7 @@ def ask_batch(study: optuna.Study, space: dict, n: int) -> list[optuna.Trial]:
 
 def fill_batch(
     study: optuna.Study, space: dict, n: int, make_mask: Callable[[dict], Mask], scored: dict[str, FrozenTrial],
-    seed: int, repeats: int = 0,
+    seed: int, repeats: int = 0, failed: dict[str, int] | None = None,
 ) -> tuple[list[tuple[optuna.Trial, Mask]], list[tuple[optuna.Trial, str]], int]:
     """Ask until `n` proposals are distinct from every scored configuration and from each other.
 
@@ -244,7 +244,10 @@ def fill_batch(
     the sampler learns it); one repeating a member of this batch is kept as a twin, answered once
     its twin is scored, and another is asked (TPE's constant liar already steers it away from the
     batch's running trials). After MAX_REPEATS repeats in a row, one unscored configuration of the
-    space is drawn at random. Returns (batch, twins, repeats so far); the batch is short (or empty)
+    space is drawn at random. A proposal of a configuration that failed earlier in this search
+    (`failed`: digest -> trial; the empty mask has nothing to train, say) fails at once as a repeat:
+    samplers that ignore failed trials (GPSampler) would otherwise propose it until the failure cap.
+    Returns (batch, twins, repeats so far); the batch is short (or empty)
     only when every configuration of the space is taken."""
     batch: list[tuple[optuna.Trial, Mask]] = []
     twins: list[tuple[optuna.Trial, str]] = []
@@ -262,6 +265,10 @@ def fill_batch(
         trial.set_user_attr("mask_digest", digest)
         if digest in scored:
             answer_duplicate(study, trial, scored[digest])
+            repeats += 1
+        elif failed and digest in failed:
+            trial.set_user_attr("duplicate_of", failed[digest])
+            tell(study, trial, None, reason=f"the same configuration failed in trial {failed[digest]}")
             repeats += 1
         elif any(m.digest() == digest for _, m in batch):
             twins.append((trial, digest))
@@ -343,6 +350,7 @@ def optimize(
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
+    failed: dict[str, int] = {}  # configurations that failed here: a repeat fails without a rerun
     while True:
         study_storage.fail_stale(study)
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
@@ -352,7 +360,8 @@ def optimize(
                 break
             time.sleep(study_storage.heartbeat_interval(study) or 1)  # until they finish or go stale
             continue
-        batch, twins, repeats = fill_batch(study, space, min(batch_size, left), make_mask, scored, seed, repeats)
+        batch, twins, repeats = fill_batch(study, space, min(batch_size, left), make_mask, scored, seed, repeats,
+                                           failed)
         if not batch:
             if running:  # the rest of the space is being scored by other workers
                 time.sleep(study_storage.heartbeat_interval(study) or 1)
@@ -377,6 +386,7 @@ def optimize(
                 failures = []
             else:
                 failures.append((trial.number, outcome.reason or "nan objective"))
+                failed.setdefault(mask.digest(), trial.number)
         for trial, digest in twins:
             if digest in scored:
                 answer_duplicate(study, trial, scored[digest])

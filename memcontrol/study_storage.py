@@ -30,7 +30,7 @@ from pathlib import Path
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs per trial
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as study.optimize
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -112,14 +112,16 @@ def beating(study: optuna.Study, trial_id: int) -> Iterator[None]:
 
 
 def heartbeat_interval(study: optuna.Study) -> int | None:
-    return study._storage.get_heartbeat_interval()
+    """None for a storage without heartbeat (an in-memory study, e.g. the samplers' replay)."""
+    storage = study._storage
+    return storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
     """Optuna's own check: RUNNING trials without a heartbeat for the grace period are failed and
     (once) enqueued again. Returns the numbers of the trials it failed."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if not before:
+    if not before or not is_heartbeat_enabled(study._storage):
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)

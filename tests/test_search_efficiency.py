@@ -53,6 +53,26 @@ def test_a_batch_holds_distinct_unscored_proposals(tmp_path, sampler):
     assert [len(b) for b in batches] == [3, 3, 2]
 
 
+@pytest.mark.parametrize("sampler", ["gp", "nsga2"])
+def test_a_configuration_that_failed_is_not_evaluated_again(tmp_path, sampler):
+    """The empty mask trains nothing and fails; GPSampler ignores failed trials and would propose it
+    until the failure cap. A repeat of a failed configuration fails at once, without an evaluation
+    and without counting towards max_failures, so the search still ends with n_trials scored."""
+    st = _study(tmp_path, sampler)
+    evaluated = []
+
+    def evaluate(proposals):
+        evaluated.extend(m.digest() for _, m in proposals)
+        return [S.Outcome([sum(m.bits), 3 - sum(m.bits)], {}) if any(m.bits) else
+                S.Outcome(None, reason="no trainable parameters") for _, m in proposals]
+
+    S.optimize(st, S.search_space(3, (1e-3,)), n_trials=7, batch_size=2, make_mask=_make, evaluate=evaluate, seed=0,
+               max_failures=2)
+    assert len(evaluated) == len(set(evaluated)) == 8 and S.n_finished(st) == 7
+    repeats = [t for t in st.trials if t.state == TrialState.FAIL and "duplicate_of" in t.user_attrs]
+    assert all("failed in trial" in t.user_attrs["fail_reason"] for t in repeats)
+
+
 def test_stopped_trials_are_pruned_with_partial_values_count_against_the_budget_and_are_not_retrained(tmp_path):
     st = _study(tmp_path, "nsga2")
     trained = []
