@@ -86,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    for name, fn in (("exhaustive", exhaustive), ("samplers", samplers), ("samplers_pop4", samplers),
+    for name, fn in (("exhaustive", exhaustive), ("samplers", samplers), ("samplers_128", samplers),
                      ("early_stopping", early_stopping), ("early_stopping_rung80", early_stopping)):
         path = args.results / f"{name}.json"
         if path.exists():
