@@ -130,6 +130,9 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     digest = hashlib.sha256(json.dumps(record.get("key", record), sort_keys=True, default=str).encode()).hexdigest()[:16]
     found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}' "
                                          f"and tags.memcontrol_record = '{digest}'", max_results=1)
+    if found and found[0].info.status != "FINISHED":  # a kill between create_run and set_terminated:
+        client.delete_run(found[0].info.run_id)  # its metrics or images may be missing; log it anew
+        found = []
     if found:  # already logged by an earlier (interrupted) run of the flow
         rid = found[0].info.run_id
         logged_as = found[0].data.tags.get("memcontrol_child")
