@@ -11,7 +11,7 @@ coordination costs per trial, without training:
 
 Usage: python benchmarks/scale_out.py [--trials 6] [--steps 60] [--workdir DIR]
        [--out benchmarks/results/scale_out.json]
-       python benchmarks/scale_out.py --tiny --out /tmp/scale_out_tiny.json   # a check of the script only
+       python benchmarks/scale_out.py --tiny --out <somewhere>/scale_out_tiny.json   # a check of the script only
 The search runs use params.yaml with search.n_trials, train.steps and search.batch_size (= 2) set;
 --tiny uses tests/micro_params.yaml instead (seconds per trial: overhead dominates, no speed-up to see).
 PostgreSQL (scripts/postgres.sh) and one Prefect server for all runs are started on free ports of
