@@ -24,11 +24,6 @@ from PIL import Image
 from safetensors import safe_open
 
 from memcontrol import study_storage
-from memcontrol.base_model import base
-from memcontrol.config import load_params
-from memcontrol.prepare import prepare
-from memcontrol.reference import reference
-from memcontrol.workdir import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A micro workdir after prepare, base and reference (the search's inputs)."""
-    work = tmp_path_factory.mktemp("prepared")
-    shutil.copy(ROOT / "tests" / "micro_params.yaml", work / "params.yaml")
-    p, layout = load_params(work / "params.yaml"), Layout(work)
-    prepare(p, layout)
-    base(p, layout)
-    reference(p, layout)
-    return work
+    from micro_workdir import prepared as prepare_workdir
+
+    return prepare_workdir(tmp_path_factory.mktemp("prepared"))
 
 
 def _workdir(prepared: Path, dest: Path, **search) -> Path:
