@@ -164,8 +164,7 @@ def obvious_trial(params, layout, ctx, mask: Mask, rows, *, seed: int, steps: in
 def score(params, ctx, bundle, imgs, n_mem, mem_p, index, clock) -> dict:
     sample, enc = params.sample, ctx.encoded
     with clock.part("embedding"):
-        feats = ctx.embedder.embed(imgs)
-    mem_f, qual_f = feats[:n_mem], feats[n_mem:]
+        mem_f, qual_f = ctx.embedder.embed(imgs[:n_mem]), ctx.quality_embedder.embed(imgs[n_mem:])
     with clock.part("faiss_search"):
         sims = index.search(mem_f, k=1)[0][:, 0]
     scores = nn_scores(sims, ctx.threshold["threshold"])

@@ -80,14 +80,14 @@ def main(argv=None) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from memcontrol.base_model import load_base
-    from memcontrol.reference import make_embedder
+    from memcontrol.reference import make_quality_embedder
     from memcontrol.workdir import Layout, read_manifest, rows_of
     from sd_style import SD15_TEXT, SD15_VAE
 
     params = load_params(a.workdir / "params.yaml")
     layout = Layout(a.workdir)
     bundle = load_base(layout)
-    emb = make_embedder(params)
+    emb = make_quality_embedder(params)  # the costly one; the pixel copy detector is a pooling
     embed = count(lambda: emb._forward(torch.rand(1, 3, params.metrics.embed_size, params.metrics.embed_size)))
     tiny = component_flops(bundle.unet, bundle.vae, bundle.text_encoder, bundle.tokenizer.model_max_length, "cpu")
     with torch.device("meta"):

@@ -92,7 +92,7 @@ def setup(params, layout, split: str = "val") -> tuple[EvalContext, dict]:
     """The once-per-search part: what EvalContext loads once and keeps for every trial."""
     ctx = EvalContext(params, layout, split=split)
     t = {}
-    for name in ("encoded", "index", "train_feats", "heldout_feats", "embedder", "mem_rows", "quality_rows"):
+    for name in ("encoded", "index", "train_feats", "heldout_feats", "embedder", "quality_embedder", "mem_rows", "quality_rows"):
         t0 = time.perf_counter()
         getattr(ctx, name)
         t[name] = time.perf_counter() - t0
@@ -155,8 +155,7 @@ def split_trial(params, layout, ctx: EvalContext, mask: Mask, out_dir: Path, *, 
             imgs.append(bundle.decode(z.float()))
     imgs = torch.cat(imgs)
     with clock.part("embedding"):
-        feats = ctx.embedder.embed(imgs)
-    mem_f, qual_f = feats[:n_mem], feats[n_mem:]
+        mem_f, qual_f = ctx.embedder.embed(imgs[:n_mem]), ctx.quality_embedder.embed(imgs[n_mem:])
     with clock.part("faiss_search"):
         sims, idx = ctx.index.search(mem_f, k=1)
     with clock.part("mem_scores"):

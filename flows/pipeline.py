@@ -16,7 +16,6 @@ from flows import parallel
 from memcontrol import fidelity as F
 from memcontrol import search as S
 from memcontrol import study_storage
-from memcontrol.arms import full_mask
 from memcontrol.compare import final_arms, summarize, write_comparison
 from memcontrol.config import OBJECTIVES, Params, load_params
 from memcontrol.evaluate import objective_values
@@ -56,7 +55,7 @@ def reference(params_path: str = "params.yaml", root: str | None = None) -> str:
 
 @task(cache_policy=NO_CACHE)
 def log_trial(params: Params, root: str, parent_id: str, name: str, record: dict, trial_dir: str) -> str:
-    """One MLflow child run per trial (and per calibration arm)."""
+    """One MLflow child run per trial."""
     uri = tracking.tracking_uri(params.tracking.mlflow_uri, Path(root))
     return tracking.log_child(uri, params.tracking.experiment, Path(root), parent_id, name=name,
                               record=record, artifacts=[Path(trial_dir) / "grid.png", Path(trial_dir) / "samples.png"],
@@ -82,8 +81,8 @@ def _open_study(params: Params, layout: Layout, blocks: tuple[str, ...] | None =
 def search(params_path: str = "params.yaml", root: str | None = None) -> dict:
     """The outer loop: ask a batch of masks, fine-tune + score each on val, tell, until n_trials
     distinct configurations are scored (memcontrol.search.optimize; a proposal equal to a scored one
-    is answered from it). First the calibration arm (full fine-tuning at the same budget) that the
-    selection rule measures quality against. The study lives in SQLite (or search.storage): a rerun
+    is answered from it). First the anchors: the method with no mask at each learning rate of the
+    grid, which the selection rule measures each trial's quality against. The study lives in SQLite (or search.storage): a rerun
     continues it; a second search on the same study file while one runs is refused
     (memcontrol.search.study_lock). search.workers > 1 runs that many trials at once on Dask
     (flows/parallel.py, docs/scale_out.md)."""
@@ -114,15 +113,11 @@ def _search(params: Params, workdir: str, layout: Layout, exclusive: bool = True
 
 def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, uri: str, parent: str,
                  tracker: SearchProgress) -> dict:
-    for name, mask in {"full": full_mask(params)}.items():
-        out = layout.calibration / name
-        rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,
-                        steps=params.train.steps)
-        log_trial(params, workdir, parent, f"calibration-{name}", rec, str(out))
     methods = params.tuning.methods
     space = S.search_space(len(blocks), params.search.learning_rates, methods)
-    if not study.trials:  # the method with no mask first: the front's anchor, as Stage 2 compares it
-        study.enqueue_trial(S.unmasked_params(len(blocks), params.search.learning_rates, methods))
+    if not study.trials:  # the method with no mask at each LR first: the anchors the rule measures against
+        for anchor in S.anchor_params(len(blocks), params.search.learning_rates, methods):
+            study.enqueue_trial(anchor)
     # early stopping (memcontrol/fidelity.py): scored at each rung, stopped when dominated there
     stopping = params.search.early_stopping
     rungs = F.rung_steps(params.train.steps, stopping.rungs) if stopping.enabled else ()

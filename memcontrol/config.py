@@ -159,9 +159,16 @@ class Threshold(_Strict):
 
 
 class Metrics(_Strict):
+    """Two embedders: `embedder` finds copies (the FAISS index, the memorization threshold and
+    objective, the release screen), `quality_embedder` gives the features of FID/KID. A copy
+    detector should see pixels; a quality score needs a perceptual network (docs/metrics.md)."""
+
     embedder: Literal["mobilenet_v2", "pixel", "torchscript", "xrv_densenet"] = "mobilenet_v2"
     embedder_path: Path | None = None
-    embedder_options: dict[str, float | int | str] = {}  # e.g. {blur_sigma: 1.5} for mobilenet_v2
+    embedder_options: dict[str, float | int | str] = {}  # e.g. {blur_sigma: 1.5} for mobilenet_v2, {grid: 16} for pixel
+    quality_embedder: Literal["mobilenet_v2", "torchscript", "xrv_densenet"] = "mobilenet_v2"
+    quality_embedder_path: Path | None = None
+    quality_embedder_options: dict[str, float | int | str] = {}
     embed_size: int = Field(224, ge=16)
     # decoded: real images pass through the frozen VAE (encode -> decode) before embedding, so a
     # generation that reproduces a training latent scores ~1 and the VAE's blur is not mistaken
@@ -262,13 +269,13 @@ class Search(_Strict):
 class Select(_Strict):
     """Pick one Pareto mask (docs/search.md). least_memorization_within_quality: least memorization
     among front points whose quality objective is at most (1 + quality_tolerance) x that of the
-    `quality_reference` calibration arm, which the search trains at its own budget and scores on val
-    (full: full fine-tuning at final.full_lr). knee and best_quality need no reference."""
+    `quality_reference`: unmasked, the method with no mask at the point's own learning rate, a
+    trial the search runs first at each LR of the grid. knee and best_quality need no reference."""
 
     rule: Literal["least_memorization_within_quality", "knee", "best_quality"] = (
         "least_memorization_within_quality"
     )
-    quality_reference: Literal["full"] = "full"
+    quality_reference: Literal["unmasked"] = "unmasked"
     quality_tolerance: float = Field(0.2, ge=0)
 
 

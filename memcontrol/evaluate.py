@@ -1,5 +1,5 @@
 """Scoring one model, the same way for every trial and arm: generate for the memorization prompts
-(several seeds each) and for held-out prompts, embed once, search the reference index, score.
+(several seeds each) and for held-out prompts, embed (copy detector and quality embedder), search the reference index, score.
 
 `EvalContext` loads what is the same for every evaluation (reference index, threshold, cached
 latents and text states, embedder) once; `evaluate` returns the metrics (docs/metrics.md), a grid
@@ -24,7 +24,7 @@ from memcontrol.memorization import amd, nn_scores, noise_norm
 from memcontrol.models.bundle import Bundle
 from memcontrol.progress import Progress, ticker
 from memcontrol.quality import fid_kid
-from memcontrol.reference import make_embedder
+from memcontrol.reference import make_embedder, make_quality_embedder
 from memcontrol.reference_index import ReferenceIndex
 from memcontrol.report import image_grid, pair_grid
 from memcontrol.sample import generate, item_seed
@@ -64,12 +64,17 @@ class EvalContext:
 
     @cached_property
     def heldout_feats(self) -> np.ndarray:
-        """(n, d) embeddings of this context's held-out split, the quality reference."""
-        return np.load(self.ref / f"{self.split}_feats.npy")
+        """(n, d) quality-embedder features of this context's held-out split: FID/KID's real side."""
+        return np.load(self.ref / f"{self.split}_quality_feats.npy")
 
     @cached_property
     def embedder(self) -> Embedder:
+        """The copy detector's embedder (the index's)."""
         return make_embedder(self.params)
+
+    @cached_property
+    def quality_embedder(self) -> Embedder:
+        return make_quality_embedder(self.params)
 
     @cached_property
     def mem_rows(self) -> pd.DataFrame:
@@ -89,7 +94,7 @@ class EvalContext:
 
 def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tuple[dict, Image.Image, Image.Image]:
     """Generate for the memorization-subset prompts (several seeds each) and for held-out prompts,
-    embed once, then: FAISS nearest-training similarity (memorization), FID/KID (quality) and the
+    embed (the first with the copy detector, the second with the quality embedder), then: FAISS nearest-training similarity (memorization), FID/KID (quality) and the
     noise-norm proxy. Returns (metrics, nearest-neighbour grid, sample grid of the held-out prompts)."""
     params, enc = ctx.params, ctx.encoded
     sample = params.sample
@@ -109,8 +114,7 @@ def evaluate(bundle: Bundle, ctx: EvalContext, progress: Progress = None) -> tup
 
     imgs = generate(bundle, text, seeds, steps=sample.steps, guidance=sample.guidance, batch_size=sample.batch_size,
                     null_text=enc.null_text, progress=on_batch)
-    feats = ctx.embedder.embed(imgs)
-    mem_f, qual_f = feats[:n_mem], feats[n_mem:]
+    mem_f, qual_f = ctx.embedder.embed(imgs[:n_mem]), ctx.quality_embedder.embed(imgs[n_mem:])
 
     sims, idx = ctx.index.search(mem_f, k=1)
     sims, idx = sims[:, 0], idx[:, 0]

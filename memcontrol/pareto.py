@@ -25,14 +25,15 @@ def is_pareto_front(values: np.ndarray, directions: list[str] | tuple[str, ...])
 
 
 def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_tolerance: float,
-           reference_quality: float | None = None) -> tuple[pd.Series, dict]:
+           reference_quality: float | pd.Series | None = None) -> tuple[pd.Series, dict]:
     """Pick one row of a Pareto front whose objective columns `mem` and `quality` are minimised.
     Returns (row, why): `why` records what the rule compared, for selected_info.json.
 
     least_memorization_within_quality: least memorization among the points whose quality is at
-      most `reference_quality + quality_tolerance * |reference_quality|`, the reference being a
-      calibration arm the search measured itself (not the front's best, which collapses near 0);
-      if no point qualifies, the best-quality point, and `why` says so;
+      most `reference_quality + quality_tolerance * |reference_quality|`, the reference being an
+      arm the search measured itself (not the front's best, which collapses near 0): one value, or
+      one per front row (a Series on the front's index: each point's own anchor); if no point
+      qualifies, the best-quality point, and `why` says so;
     best_quality: the best-quality point;
     knee: the point closest to the utopia point after min-max scaling both objectives."""
     if front.empty:
@@ -42,12 +43,18 @@ def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_to
     if rule == "best_quality":
         return front.loc[q.idxmin()], {"rule": rule}
     if rule == "least_memorization_within_quality":
-        if reference_quality is None or not np.isfinite(reference_quality):
-            raise ValueError("select: rule least_memorization_within_quality needs the reference arm's quality")
-        limit = reference_quality + quality_tolerance * abs(reference_quality)
+        ref = (pd.Series(float(reference_quality), index=front.index) if np.isscalar(reference_quality)
+               else reference_quality)
+        if ref is None or not np.isfinite(ref.reindex(front.index).to_numpy(dtype=float)).all():
+            raise ValueError("select: rule least_memorization_within_quality needs the reference quality of every point")
+        limit = ref.reindex(front.index).astype(float)
+        limit = limit + quality_tolerance * limit.abs()
         ok = front[q <= limit]
-        why = {"rule": rule, "reference_quality": float(reference_quality), "quality_tolerance": quality_tolerance,
-               "quality_limit": float(limit), "n_within": int(len(ok))}
+        refs = sorted({float(v) for v in ref.reindex(front.index)})
+        why = {"rule": rule, "reference_quality": refs[0] if len(refs) == 1 else refs,
+               "quality_tolerance": quality_tolerance, "n_within": int(len(ok))}
+        if len(refs) == 1:
+            why["quality_limit"] = float(limit.iloc[0])
         if ok.empty:
             return front.loc[q.idxmin()], {**why, "fallback": "no front point within the limit: best quality"}
         return ok.loc[ok[mem].astype(float).idxmin()], why

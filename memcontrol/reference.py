@@ -22,8 +22,16 @@ from memcontrol.workdir import Layout, read_manifest, rows_of, write_json
 
 
 def make_embedder(params: Params) -> Embedder:
+    """The copy detector's embedder (index, threshold, memorization objective)."""
     m = params.metrics
     return build_embedder(m.embedder, path=m.embedder_path, image_size=m.embed_size, **m.embedder_options)
+
+
+def make_quality_embedder(params: Params) -> Embedder:
+    """The embedder whose features FID/KID compare."""
+    m = params.metrics
+    return build_embedder(m.quality_embedder, path=m.quality_embedder_path, image_size=m.embed_size,
+                          **m.quality_embedder_options)
 
 
 def floor_spread(heldout_max_sims: np.ndarray, quantile: float, *, n_splits: int = 200, seed: int = 0) -> dict:
@@ -44,8 +52,9 @@ def floor_spread(heldout_max_sims: np.ndarray, quantile: float, *, n_splits: int
 
 
 def reference(params: Params, layout: Layout) -> Path:
-    """Write data/reference/: encoded.safetensors, index/, {train,val,test}_feats.npy, ids.json
-    (index row -> manifest id) and threshold.json.
+    """Write data/reference/: encoded.safetensors, index/, {train,val,test}_feats.npy (copy
+    detector), {val,test}_quality_feats.npy (FID/KID's real side), ids.json (index row -> manifest
+    id) and threshold.json.
 
     The threshold is calibrated on the val images' nearest-training similarities (held-out images
     of the kind a model might copy); the false-positive floor is the share of test images above
@@ -57,10 +66,13 @@ def reference(params: Params, layout: Layout) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     encode_manifest(bundle, df[df["split"] != "base"].reset_index(drop=True), root).save(out / "encoded.safetensors")
 
-    embedder = make_embedder(params)
+    embedder, quality_embedder = make_embedder(params), make_quality_embedder(params)
     splits = {name: rows_of(df, name) for name in ("train", "val", "test")}
 
-    def feats(rows: pd.DataFrame) -> np.ndarray:
+    def feats(rows: pd.DataFrame, quality: bool = False) -> np.ndarray:
+        # decoded: through the frozen VAE, for both the copy detector and FID/KID (whose values are
+        # then those of the single-embedder design: the VAE's blur is not counted as lost quality)
+        use = quality_embedder if quality else embedder
         chunks = []
         for i in range(0, len(rows), 256):
             x = load_images(image_paths(rows.iloc[i : i + 256], root), bundle.resolution)
@@ -68,10 +80,13 @@ def reference(params: Params, layout: Layout) -> Path:
                 x01 = bundle.decode(bundle.encode_images(x)[0])
             else:
                 x01 = (x + 1) / 2
-            chunks.append(embedder.embed(x01))
+            chunks.append(use.embed(x01))
         return np.concatenate(chunks)
 
     features = {name: feats(rows) for name, rows in splits.items()}
+    for name in ("val", "test"):
+        with atomic.atomic_path(out / f"{name}_quality_feats.npy") as tmp:
+            np.save(tmp, feats(splits[name], quality=True))
     index = ReferenceIndex.build(features["train"], kind=params.metrics.index, center=params.metrics.center)
     index.save(out / "index")
     for name, f in features.items():

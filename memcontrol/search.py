@@ -177,6 +177,15 @@ def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...], methods: t
     return {**out, "method": methods[0]} if len(methods) > 1 else out
 
 
+def anchor_params(n_blocks: int, learning_rates: tuple[float, ...], methods: tuple[str, ...] = ()) -> list[dict]:
+    """The method with no mask (every block on) at each learning rate of the grid, for each method
+    of a list: the search's first trials, the front's anchors and the selection rule's quality
+    reference for every trial at that learning rate (memcontrol/selection.py)."""
+    on = {bit_name(i): 1 for i in range(n_blocks)}
+    named = methods if len(methods) > 1 else (None,)  # a single method is not a searched parameter
+    return [{**on, "lr": lr, **({"method": m} if m else {})} for m in named for lr in learning_rates]
+
+
 def evaluated(study: optuna.Study) -> dict[str, FrozenTrial]:
     """mask digest -> the completed (or early-stopped) trial that trained and scored it (answers to
     duplicates excluded)."""

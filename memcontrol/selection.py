@@ -10,7 +10,6 @@ import optuna
 import pandas as pd
 
 from memcontrol.config import OBJECTIVES, Params
-from memcontrol.evaluate import objective_values
 from memcontrol.pareto import is_pareto_front, select
 from memcontrol.report import pareto_plot
 from memcontrol.search import completed, stopped
@@ -49,16 +48,28 @@ def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
     return df.sort_values("number").reset_index(drop=True)
 
 
-def reference_record(params: Params, layout: Layout) -> dict | None:
-    """The calibration arm the selection rule measures quality against (search/calibration/<name>),
-    or None when the rule needs none."""
+def reference_quality(params: Params, df: pd.DataFrame, front: pd.DataFrame) -> pd.Series | None:
+    """Per front point, the quality objective of its anchor: the method with no mask (every bit 1)
+    at the same learning rate (and method), a trial the search enqueued first. A low learning rate
+    has learned less after the inner loop's steps, masked or not; measured against its own anchor
+    a mask is charged only for what the mask costs (docs/search.md "Selection"). None when the rule
+    needs no reference."""
     if params.select.rule != "least_memorization_within_quality":
         return None
-    path = layout.calibration / params.select.quality_reference / "metrics.json"
-    if not path.exists():
-        raise MissingInput(f"{path}: the search's calibration arm `{params.select.quality_reference}` is missing "
-                                "(rerun `memcontrol search`)")
-    return json.loads(path.read_text())
+    q_o = params.search.objectives[1]
+    anchors = df[df["bits"].astype(str).str.fullmatch("1+")]
+    if "stopped_at" in anchors:  # a stopped anchor's partial point is no reference
+        anchors = anchors[anchors["stopped_at"].isna()]
+    by_key = {(row["method"], float(row["lr"])): float(row[q_o]) for _, row in anchors.iterrows()}
+    out = {}
+    for i, row in front.iterrows():
+        key = (row["method"], float(row["lr"]))
+        if key not in by_key:
+            raise MissingInput(f"search: no anchor trial (method {key[0]} with no mask at lr {key[1]:g}) to measure "
+                               f"trial {int(row['number'])}'s quality against; the search enqueues one per learning "
+                               "rate when it starts (rerun `memcontrol search` with a new search.study_name)")
+        out[i] = by_key[key]
+    return pd.Series(out, dtype=float)
 
 
 def pareto_and_select(params: Params, layout: Layout, study: optuna.Study) -> dict:
@@ -69,21 +80,18 @@ def pareto_and_select(params: Params, layout: Layout, study: optuna.Study) -> di
     layout.search.mkdir(parents=True, exist_ok=True)
     mem_o, q_o = params.search.objectives
     front = df[df["pareto"]]
-    reference = reference_record(params, layout)
-    ref_values = dict(zip(params.search.objectives, objective_values(params, reference["metrics"]))) if reference else {}
+    reference = reference_quality(params, df, front)
     pick, why = select(front, mem=mem_o, quality=q_o, rule=params.select.rule,
-                       quality_tolerance=params.select.quality_tolerance, reference_quality=ref_values.get(q_o))
+                       quality_tolerance=params.select.quality_tolerance, reference_quality=reference)
     write_csv(df, layout.search / "trials.csv")
     write_csv(front, layout.search / "pareto.csv")
-    baselines = (pd.DataFrame([{"arm": f"{params.select.quality_reference} (reference)", **ref_values}])
-                 if reference else None)
-    pareto_plot(df, x=mem_o, y=q_o, path=layout.search / "pareto.png", selected=int(pick["number"]),
-                baselines=baselines)
+    pareto_plot(df, x=mem_o, y=q_o, path=layout.search / "pareto.png", selected=int(pick["number"]))
     rec = json.loads(study.trials[int(pick["number"])].user_attrs["record"])
     mask = dataclasses.replace(Mask.from_json(json.dumps(rec["mask"])), trainable_params=int(pick["trainable"]))
     layout.selected.parent.mkdir(parents=True, exist_ok=True)
     mask.save(layout.selected)
     write_json({"trial": int(pick["number"]), "rule": params.select.rule, "why": why, "metrics": rec["metrics"],
-                "reference": {"arm": params.select.quality_reference, **ref_values} if reference else None,
+                "reference": ({"arm": params.select.quality_reference, "lr": float(pick["lr"]),
+                               q_o: float(reference[pick.name])} if reference is not None else None),
                 "enabled_blocks": list(mask.enabled())}, layout.selected_info)
     return {"trial": int(pick["number"]), "mask": layout.selected}

@@ -38,3 +38,24 @@ def test_selection_rules():
         select(front, mem="mem", quality="kid", rule=rule, quality_tolerance=0.2)
     with pytest.raises(ValueError):
         select(front.iloc[:0], mem="mem", quality="kid", rule="knee", quality_tolerance=0)
+
+
+def test_each_point_is_measured_against_its_own_anchor():
+    """A low-LR mask learns less after the inner loop whatever its mask: measured against the method
+    with no mask at its own LR it qualifies, where one reference for all would exclude it."""
+    from memcontrol.config import Params
+    from memcontrol.selection import reference_quality
+    trials = pd.DataFrame({"number": [0, 1, 2, 3], "method": ["full"] * 4, "lr": [1e-4, 1e-3, 1e-4, 1e-3],
+                           "bits": ["111", "111", "101", "110"], "mem_mean_sim": [0.70, 0.84, 0.65, 0.80],
+                           "kid": [0.112, 0.060, 0.123, 0.034]})
+    params = Params.model_validate({})
+    ref = reference_quality(params, trials, trials)
+    assert ref.tolist() == [0.112, 0.060, 0.112, 0.060]
+    pick, why = select(trials, mem="mem_mean_sim", quality="kid", rule="least_memorization_within_quality",
+                       quality_tolerance=0.2, reference_quality=ref)
+    assert pick["number"] == 2 and why["n_within"] == 4 and why["reference_quality"] == [0.06, 0.112]
+    pick, _ = select(trials, mem="mem_mean_sim", quality="kid", rule="least_memorization_within_quality",
+                     quality_tolerance=0.2, reference_quality=0.060)  # one reference: the low-LR masks are out
+    assert pick["number"] == 3
+    with pytest.raises(Exception, match="no anchor trial .* lr 0.0003"):
+        reference_quality(params, trials, trials.assign(lr=[1e-4, 1e-3, 3e-4, 1e-3]))
