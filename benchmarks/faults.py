@@ -119,7 +119,7 @@ def mlflow_runs(work: Path) -> int:
 
 
 def records(work: Path) -> dict[str, int]:
-    """Every finished arm's record (trials, calibration, Stage 2, full FT) -> its inode."""
+    """Every finished arm's record (trials, Stage 2, full FT) -> its inode."""
     return {str(f.relative_to(work)): f.stat().st_ino for f in work.rglob("metrics.json")
             if "reports" not in f.parts and "mlruns" not in f.parts}  # mlruns: MLflow's copies, logged again
 

@@ -135,8 +135,10 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
             tracker.trial_started(position)
             out = layout.trials / mask.digest()
             trial.set_user_attr("trial_dir", str(out.relative_to(layout.root)))
+            anchor = all(mask.bits)  # the selection rule's reference at its LR: never stopped early
             on_rung = (F.stopper(study, trial, directions, min_points=stopping.min_trials,
-                                 values_of=lambda metrics: objective_values(params, metrics)) if rungs else None)
+                                 values_of=lambda metrics: objective_values(params, metrics))
+                       if rungs and not anchor else None)
             try:
                 with study_storage.beating(study, trial._trial_id):  # Optuna's heartbeat while it runs
                     rec = T.run_arm(params, workdir, mask.to_json(), str(out), arm="trial", seed=params.seed,

@@ -53,11 +53,6 @@ class Layout:
         return self.search / "trials"
 
     @property
-    def calibration(self) -> Path:
-        """Reference arms the search trains at its own budget (full fine-tuning) for the selection rule."""
-        return self.search / "calibration"
-
-    @property
     def selected(self) -> Path:
         return self.root / "masks" / "selected.json"
 
