@@ -283,7 +283,8 @@ def summary(params: str, root: str | None, wall: float | None = None):
         if wall is not None:  # the whole `memcontrol demo` process, for benchmarks/default_run.py
             from memcontrol.workdir import write_json
 
-            write_json({**st, "wall_seconds": round(wall, 1)}, timings)
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            write_json({**st, "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak_mb)}, timings)
     trials = layout.search / "trials.csv"
     if trials.exists():
         import pandas as pd
