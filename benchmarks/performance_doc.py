@@ -19,7 +19,7 @@ RES = ROOT / "benchmarks" / "results"
 PART_NAMES = {
     "data_loading": "data loading (base model, cached latents/text of the rows, mask applied)",
     "finetune": "fine-tune steps", "generation": "generation (UNet denoising, CFG)", "decode": "VAE decode",
-    "embedding": "embedding (MobileNetV2)", "faiss_search": "FAISS search", "mem_scores": "memorization scores + AMD",
+    "embedding": "embedding (pixel copy detector + MobileNetV2 quality features)", "faiss_search": "FAISS search", "mem_scores": "memorization scores + AMD",
     "kid_fid": "KID/FID", "noise_norm": "noise norm", "writing": "writing (adapter, grid, metrics.json)",
     "tracking": "tracking (MLflow child run + grid)",
 }

@@ -8,7 +8,7 @@ the drift of a shared machine.
 * training-set size x1, x4, x16: the training rows, the reference index and the AMD's training
   features k times the default's (the extra index vectors are the real embeddings plus N(0, 0.01)
   noise); train.steps stays fixed, as the search's inner loop is a fixed budget;
-* generations: (sample.mem_seeds, sample.n_quality) = (1, 16), (3, 48) (default), (6, 96);
+* generations: (sample.mem_seeds, sample.n_quality) = (1, 16), (3, 48) (default), (6, 96) (96 quality prompts asked, capped at the 80 val images: 152 generations);
 * resolution: 64 px (the default) and 128 px: the same UNet and VAE at twice the latent size, the
   cached latents upsampled (timing only: the 128-px metrics mean nothing). 512 px needs a GPU.
 """
@@ -85,7 +85,9 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     rows = {r["point"]: r for r in result["rows"]}
     groups = {
         "training-set size (x default)": [("size_x1", 1), ("size_x4", 4), ("size_x16", 16)],
-        "generations per trial": [("gens_28", None), ("default", None), ("gens_168", None)],
+        # the gens_<n> points are named by their real count (quality prompts are capped by the split)
+        "generations per trial": sorted([(n, None) for n in rows if n.startswith("gens_")] + [("default", None)],
+                                        key=lambda p: rows[p[0]]["generations"]),
         "resolution (px)": [("default", None), ("res_128", None)],
     }
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -153,8 +155,9 @@ def main(argv=None) -> None:
               "drift_default_last_over_first": round(rows_out[-1]["parts_cpu_s"]["total"] / rows_out[0]["parts_cpu_s"]["total"], 3),
               "time_basis": "parts_cpu_s: CPU time of the process (one torch thread); parts_s: wall",
               "wall_s": round(time.perf_counter() - t0, 1)}
-    result["plots"] = plot(result, a.plots)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")  # the measurements first: a plot error loses nothing
+    result["plots"] = plot(result, a.plots)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
