@@ -1,9 +1,9 @@
 """Generation quality: FID and KID through torchmetrics with a custom feature module.
 
 torchmetrics' Inception backbone needs torch-fidelity and torchvision, neither usable here, so the
-metrics are fed *precomputed* embeddings through an identity feature module: every image is
-embedded once per trial (by a `memcontrol.embed.Embedder`) and the same features serve the
-nearest-neighbour memorization search and FID/KID.
+metrics are fed *precomputed* embeddings through an identity feature module: the held-out prompts'
+generations are embedded once per trial by the quality embedder (`metrics.quality_embedder`, a
+`memcontrol.embed.Embedder`), the real side once by the reference stage.
 
 - FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)); lower = closer to the real set.
   Biased upwards at small n (and with n < d the covariances are rank-deficient).
