@@ -9,8 +9,15 @@ the highest learning rate for every point (one reference for all, the rule befor
 reports the Stage-2 flagged rate and KID as ratios of full fine-tuning's 3-seed means, the
 search-signal targets (<= 0.2 and <= 1 + select.quality_tolerance).
 
+With --workdir (the fidelity run's workdir) and --seeds, the default rule's pick is also trained
+at Stage 2 at each seed (arm records under WORKDIR/benchmarks/fidelity_selection/, reused on a
+rerun) and compared with the audit's arms over seeds as benchmarks/default_run.py compares the
+selected mask: flagged rate and KID ratios to full fine-tuning, and Pareto dominance on (flagged
+rate, KID) with the larger seed std as the tie band.
+
 Usage: python benchmarks/fidelity_selection.py [--fidelity benchmarks/results/fidelity.json]
-       [--audit benchmarks/results/default_run/audit_metrics.json] [--out benchmarks/results/fidelity_selection.json]
+       [--audit benchmarks/results/default_run/audit_metrics.json] [--workdir W --seeds 0 1 2]
+       [--out benchmarks/results/fidelity_selection.json]
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from memcontrol.audit.statistics import dominance
 from memcontrol.config import OBJECTIVES, load_params
 from memcontrol.pareto import is_pareto_front, select
 from memcontrol.selection import reference_quality
@@ -31,11 +40,14 @@ def main() -> None:
     ap.add_argument("--fidelity", type=Path, default=Path("benchmarks/results/fidelity.json"))
     ap.add_argument("--audit", type=Path, default=Path("benchmarks/results/default_run/audit_metrics.json"))
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--workdir", type=Path, default=None, help="train the default rule's pick at Stage 2 there")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity_selection.json"))
     args = ap.parse_args()
     params = load_params(args.params)
     fidelity = json.loads(args.fidelity.read_text())
-    full = json.loads(args.audit.read_text())["full"]
+    audit = json.loads(args.audit.read_text())
+    full = audit["full"]
     mem_o, q_o = params.search.objectives
     mem_k, q_k = OBJECTIVES[mem_o][0], OBJECTIVES[q_o][0]
     df = pd.DataFrame([{"number": m["mask"], "method": fidelity["method"], "lr": m["lr"], "bits": m["bits"],
@@ -60,6 +72,8 @@ def main() -> None:
     out = {"full_3_seeds": {"mem.flagged_rate": full["mem.flagged_rate"], "quality.kid_mean": full["quality.kid_mean"]},
            "front": front["number"].astype(int).tolist(), "picks": picks,
            "targets": {"flagged_ratio": 0.2, "kid_ratio": 1 + params.select.quality_tolerance}}
+    if args.workdir is not None:
+        out["stage2_seeds"] = stage2_seeds(args.workdir, picks[0], args.seeds, audit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print("| reference | mask | lr | trainable % | Stage-2 flagged | Stage-2 KID | flagged / full | KID / full |")
@@ -67,7 +81,45 @@ def main() -> None:
     for p in picks:
         print(f"| {p['reference']} | {p['mask']} | {p['lr']:g} | {p['trainable_pct']:.1f} | {p['stage2_flagged']:.3f} | "
               f"{p['stage2_kid']:.4f} | {p['flagged_ratio_to_full']:.2f} | {p['kid_ratio_to_full']:.2f} |")
+    if "stage2_seeds" in out:
+        r = out["stage2_seeds"]
+        print(f"pick at Stage 2 over seeds {args.seeds}: flagged {r['mem.flagged_rate']:.3f} ± {r['mem.flagged_rate.std']:.3f}, "
+              f"KID {r['quality.kid_mean']:.4f} ± {r['quality.kid_mean.std']:.4f}; ratios to full {r['flagged_ratio_to_full']:.2f} / "
+              f"{r['kid_ratio_to_full']:.2f}; against the audit's arms: {r['dominance']}")
     print(f"wrote {args.out}")
+
+
+def stage2_seeds(workdir: Path, pick: dict, seeds: list[int], audit: dict) -> dict:
+    """The pick trained at the Stage-2 budget at each seed, scored on test, against the audit's arms."""
+    from memcontrol import search as S
+    from memcontrol.arms import final_rows, run_arm
+    from memcontrol.base_model import block_list
+    from memcontrol.evaluate import EvalContext
+    from memcontrol.workdir import Layout
+
+    params = load_params(workdir / "params.yaml")
+    layout = Layout(workdir)
+    ctx = EvalContext(params, layout, "test")
+    t = params.tuning
+    bits = {S.bit_name(i): int(b) for i, b in enumerate(pick["bits"])}
+    mask = S.mask_of({**bits, "lr": pick["lr"]}, block_list(params, layout), method=t.method, mode=t.mode,
+                     granularity=t.granularity, options=t.options)
+    rows = final_rows(params, ctx)
+    runs = [run_arm(params, layout, ctx, mask, workdir / "benchmarks" / "fidelity_selection" / mask.digest() / f"seed{seed}",
+                    rows=rows, steps=params.final.steps, seed=seed, batch_size=params.final.batch_size)["metrics"]
+            for seed in seeds]
+    keys = ("mem.flagged_rate", "quality.kid_mean")
+    res = {"mask": pick["mask"], "seeds": seeds, "per_seed": [{k: m[k] for k in (*keys, "mem.mean_sim")} for m in runs]}
+    for k in (*keys, "mem.mean_sim"):
+        vals = [m[k] for m in runs]
+        res[k], res[k + ".std"] = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    res["flagged_ratio_to_full"] = res["mem.flagged_rate"] / audit["full"]["mem.flagged_rate"]
+    res["kid_ratio_to_full"] = res["quality.kid_mean"] / audit["full"]["quality.kid_mean"]
+    res["dominance"] = {arm: dominance(np.array([res[k] - m[k] for k in keys]),
+                                       np.array([max(res[k + ".std"], m.get(k + ".std") or 0.0) for k in keys]))
+                        for arm, m in audit.items() if isinstance(m, dict) and "+" not in arm and arm != "selected"
+                        and all(k in m for k in keys)}
+    return res
 
 
 if __name__ == "__main__":
