@@ -143,6 +143,7 @@ def test_demo_reuses_finished_work_and_prints_the_summary(repro, tmp_path):
     t = json.loads((copy / "reports/demo_timings.json").read_text())
     assert t["order"] == ["prepare", "base", "reference", "search", "finetune", "compare"]
     assert all(t["seconds"][k] >= 0 for k in t["order"])
+    assert t["wall_seconds"] > 0 and t["peak_rss_mb"] > 100  # the demo process's own peak, for the docs
     pd.testing.assert_frame_equal(pd.read_csv(copy / "search/trials.csv")[["number", "bits", "lr"]],
                                   trials[["number", "bits", "lr"]])
     for text in ("MemControl summary", "Chosen mask", "stage wall times", "per trial", "peak RSS"):
