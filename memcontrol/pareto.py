@@ -45,12 +45,13 @@ def select(front: pd.DataFrame, *, mem: str, quality: str, rule: str, quality_to
     if rule == "least_memorization_within_quality":
         ref = (pd.Series(float(reference_quality), index=front.index) if np.isscalar(reference_quality)
                else reference_quality)
-        if ref is None or not np.isfinite(ref.reindex(front.index).to_numpy(dtype=float)).all():
+        if ref is not None:
+            ref = ref.reindex(front.index).astype(float)
+        if ref is None or not np.isfinite(ref.to_numpy()).all():
             raise ValueError("select: rule least_memorization_within_quality needs the reference quality of every point")
-        limit = ref.reindex(front.index).astype(float)
-        limit = limit + quality_tolerance * limit.abs()
+        limit = ref + quality_tolerance * ref.abs()
         ok = front[q <= limit]
-        refs = sorted({float(v) for v in ref.reindex(front.index)})
+        refs = sorted({float(v) for v in ref})
         why = {"rule": rule, "reference_quality": refs[0] if len(refs) == 1 else refs,
                "quality_tolerance": quality_tolerance, "n_within": int(len(ok))}
         if len(refs) == 1:

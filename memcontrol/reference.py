@@ -69,24 +69,26 @@ def reference(params: Params, layout: Layout) -> Path:
     embedder, quality_embedder = make_embedder(params), make_quality_embedder(params)
     splits = {name: rows_of(df, name) for name in ("train", "val", "test")}
 
-    def feats(rows: pd.DataFrame, quality: bool = False) -> np.ndarray:
-        # decoded: through the frozen VAE, for both the copy detector and FID/KID (whose values are
-        # then those of the single-embedder design: the VAE's blur is not counted as lost quality)
-        use = quality_embedder if quality else embedder
-        chunks = []
+    def feats(rows: pd.DataFrame, embedders: tuple[Embedder, ...]) -> list[np.ndarray]:
+        """Each embedder's (n, d) features of `rows`, the images loaded (and decoded) once.
+        decoded: through the frozen VAE, for both the copy detector and FID/KID (whose values are
+        then those of the single-embedder design: the VAE's blur is not counted as lost quality)."""
+        chunks: list[list[np.ndarray]] = [[] for _ in embedders]
         for i in range(0, len(rows), 256):
             x = load_images(image_paths(rows.iloc[i : i + 256], root), bundle.resolution)
             if params.metrics.reference_space == "decoded":
                 x01 = bundle.decode(bundle.encode_images(x)[0])
             else:
                 x01 = (x + 1) / 2
-            chunks.append(use.embed(x01))
-        return np.concatenate(chunks)
+            for chunk, use in zip(chunks, embedders):
+                chunk.append(use.embed(x01))
+        return [np.concatenate(c) for c in chunks]
 
-    features = {name: feats(rows) for name, rows in splits.items()}
+    features = {"train": feats(splits["train"], (embedder,))[0]}
     for name in ("val", "test"):
+        features[name], quality = feats(splits[name], (embedder, quality_embedder))
         with atomic.atomic_path(out / f"{name}_quality_feats.npy") as tmp:
-            np.save(tmp, feats(splits[name], quality=True))
+            np.save(tmp, quality)
     index = ReferenceIndex.build(features["train"], kind=params.metrics.index, center=params.metrics.center)
     index.save(out / "index")
     for name, f in features.items():
