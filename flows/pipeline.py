@@ -17,7 +17,7 @@ from memcontrol import fidelity as F
 from memcontrol import search as S
 from memcontrol import study_storage
 from memcontrol.compare import final_arms, summarize, write_comparison
-from memcontrol.config import OBJECTIVES, Params, load_params
+from memcontrol.config import OBJECTIVES, RELATIVE, Params, load_params
 from memcontrol.evaluate import objective_values
 from memcontrol.method_choice import options_for, search_blocks
 from memcontrol.selection import pareto_and_select
@@ -157,6 +157,7 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
         S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
                    make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
                    max_failures=params.search.max_failures,
+                   relative=tuple(i for i, o in enumerate(params.search.objectives) if o in RELATIVE),
                    # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
                    on_told=tracker.told)
 

@@ -186,6 +186,46 @@ def anchor_params(n_blocks: int, learning_rates: tuple[float, ...], methods: tup
     return [{**on, "lr": lr, **({"method": m} if m else {})} for m in named for lr in learning_rates]
 
 
+def is_anchor(trial_params: dict) -> bool:
+    """Every block on: the method with no mask, an anchor (`anchor_params`)."""
+    bits = [v for k, v in trial_params.items() if k not in ("lr", "method")]
+    return bool(bits) and all(int(v) == 1 for v in bits)
+
+
+def anchor_of(study: optuna.Study, trial_params: dict) -> FrozenTrial | None:
+    """The scored anchor at the learning rate (and method) of `trial_params`, or None."""
+    key = (trial_params.get("method"), float(trial_params["lr"]))
+    for t in completed(study):
+        if is_anchor(t.params) and (t.params.get("method"), float(t.params["lr"])) == key and "raw_values" in t.user_attrs:
+            return t
+    return None
+
+
+def relative_values(study: optuna.Study, trial: optuna.Trial, raw: list[float],
+                    relative: tuple[int, ...]) -> tuple[list[float] | None, str]:
+    """The values told for a trial whose objectives at positions `relative` are divided by its
+    anchor's (an anchor's own are 1): (values, "") or (None, why not)."""
+    anchor = raw if is_anchor(trial.params) else getattr(anchor_of(study, trial.params), "user_attrs", {}).get("raw_values")
+    if anchor is None:
+        return None, (f"no scored anchor (every block on at lr {trial.params['lr']:g}) to divide the relative "
+                      "objective by; it failed or was never enqueued")
+    if any(not anchor[i] > 0 for i in relative):
+        return None, (f"the anchor at lr {trial.params['lr']:g} has a non-positive quality value {anchor}: a ratio "
+                      "to it means nothing; use the plain objective (kid, fid) in search.objectives")
+    return [v / anchor[i] if i in relative else v for i, v in enumerate(raw)], ""
+
+
+def pending_anchors(study: optuna.Study) -> tuple[int, int]:
+    """(waiting, running) anchors: trials with relative objectives wait until every anchor is scored."""
+    waiting = running = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+        fixed = t.params if t.state == TrialState.RUNNING else t.system_attrs.get("fixed_params", {})
+        if fixed and is_anchor(fixed):
+            waiting += t.state == TrialState.WAITING
+            running += t.state == TrialState.RUNNING
+    return waiting, running
+
+
 def evaluated(study: optuna.Study) -> dict[str, FrozenTrial]:
     """mask digest -> the completed (or early-stopped) trial that trained and scored it (answers to
     duplicates excluded)."""
@@ -341,6 +381,7 @@ def optimize(
     seed: int,
     max_failures: int = 3,
     on_told: Callable[[], None] | None = None,
+    relative: tuple[int, ...] = (),
 ) -> None:
     """The ask/tell loop until `n_trials` distinct configurations are scored.
 
@@ -355,11 +396,16 @@ def optimize(
     A trial whose worker died (outcome `lost`) is not told: before each batch, Optuna's heartbeat
     check (study_storage.fail_stale) fails it once its grace period is over and enqueues it again
     with the same parameters. Trials still RUNNING count against the budget until then, so the study
-    ends with exactly `n_trials` scored configurations."""
+    ends with exactly `n_trials` scored configurations.
+
+    `relative`: positions of objectives told as a ratio to the trial's anchor (config.RELATIVE). The
+    anchors (the enqueued trials with every block on) are then asked in batches of their own and
+    scored before any other trial, and each trial keeps its raw values as user attr `raw_values`."""
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
     failed: dict[str, int] = {}  # configurations that failed here: a repeat fails without a rerun
+    anchor_failed: tuple[int, str] | None = None
     while True:
         study_storage.fail_stale(study)
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
@@ -369,8 +415,15 @@ def optimize(
                 break
             time.sleep(study_storage.heartbeat_interval(study) or 1)  # until they finish or go stale
             continue
-        batch, twins, repeats = fill_batch(study, space, min(batch_size, left), make_mask, scored, seed, repeats,
-                                           failed)
+        size = min(batch_size, left)
+        if relative:
+            waiting, running_anchors = pending_anchors(study)
+            if waiting:
+                size = min(size, waiting)
+            elif running_anchors:  # a lost anchor: its retry comes once its heartbeat is stale
+                time.sleep(study_storage.heartbeat_interval(study) or 1)
+                continue
+        batch, twins, repeats = fill_batch(study, space, size, make_mask, scored, seed, repeats, failed)
         if not batch:
             if running:  # the rest of the space is being scored by other workers
                 time.sleep(study_storage.heartbeat_interval(study) or 1)
@@ -384,6 +437,10 @@ def optimize(
                 continue
             if outcome.record is not None:
                 trial.set_user_attr("record", json.dumps(outcome.record, default=str))
+            if relative and outcome.values is not None and all(v == v for v in outcome.values):
+                trial.set_user_attr("raw_values", list(outcome.values))
+                values, why = relative_values(study, trial, list(outcome.values), relative)
+                outcome = Outcome(values, outcome.record, reason=why, stopped_at=outcome.stopped_at)
             if outcome.stopped_at is not None:
                 trial.set_user_attr("stopped_at", outcome.stopped_at)
                 trial.set_user_attr("partial_values", outcome.values)
@@ -396,6 +453,8 @@ def optimize(
             else:
                 failures.append((trial.number, outcome.reason or "nan objective"))
                 failed.setdefault(mask.digest(), trial.number)
+                if relative and is_anchor(trial.params):
+                    anchor_failed = anchor_failed or (trial.number, outcome.reason or "nan objective")
         for trial, digest in twins:
             if digest in scored:
                 answer_duplicate(study, trial, scored[digest])
@@ -403,6 +462,10 @@ def optimize(
                 tell(study, trial, None, reason="the same configuration failed in this batch")
         if on_told is not None:
             on_told()
+        if anchor_failed:  # every trial at its learning rate would be told a ratio to nothing
+            number, reason = anchor_failed
+            raise SearchError(f"anchor trial {number} (every block on, the reference of the relative objective "
+                              f"at its learning rate) failed: {reason}")
         if len(failures) >= max_failures:  # checked once the whole batch is told: no trial left RUNNING
             number, reason = failures[0]
             raise SearchError(f"{len(failures)} trials failed in a row (search.max_failures={max_failures}); "

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from memcontrol import atomic
-from memcontrol.config import OBJECTIVES
+from memcontrol.config import OBJECTIVES, RELATIVE
 
 log = logging.getLogger("memcontrol.tracking")
 
@@ -165,7 +165,7 @@ def log_child(uri: str, experiment: str, root: Path, parent_id: str, *, name: st
     metrics = record["metrics"]
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
     for objective, (key, _direction) in OBJECTIVES.items():  # under the names search.objectives uses
-        if key in values:
+        if key in values and objective not in RELATIVE:  # a ratio to the anchor is the search's (trials.csv)
             values[f"objective.{objective}"] = values[key]
     # one request for all params and metrics (one per value took ~3 s a trial against a tracking
     # server on a busy machine: the search's serial bottleneck, benchmarks/lab_scale.py)

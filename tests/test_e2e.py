@@ -66,7 +66,12 @@ def test_dvc_repro_builds_every_output(repro):
 
     trials = pd.read_csv(work / "search/trials.csv")
     assert len(trials) == 3 and trials["pareto"].any()
-    assert trials[["mem_mean_sim", "kid"]].notna().all().all()
+    assert trials[["mem_mean_sim", "kid_vs_unmasked"]].notna().all().all()
+    # the quality objective: KID over the KID of the anchor (every block on) at the trial's LR
+    anchors = trials[trials["bits"].astype(str).str.fullmatch("1+")].set_index("lr")["quality.kid_mean"]
+    assert len(anchors) == 2  # micro search.learning_rates
+    assert trials["kid_vs_unmasked"].to_numpy() == pytest.approx(
+        (trials["quality.kid_mean"] / trials["lr"].map(anchors)).to_numpy())
     sel = json.loads((work / "masks/selected.json").read_text())
     assert sel["method"] == "lora" and len(sel["bits"]) == len(sel["blocks"]) and sel["trainable_params"] > 0
     assert any(sel["bits"])

@@ -308,7 +308,7 @@ CASES: dict[Case, object] = {
         _pickle_as_embedder,
     # --- the search and the environment
     Case("resume with other objectives", "search", r"study `memcontrol` .* has 1 trials scored with search\.objectives="
-                                                  r"\[\"mem_mean_sim\", \"kid\"\], but the params now say search\.objectives="
+                                                  r"\[\"mem_mean_sim\", \"kid_vs_unmasked\"\], but the params now say search\.objectives="
                                                   r"\[\"mem_mean_sim\", \"fid\"\]"): _resume_other_objectives,
     Case("two searches on one study at once", "search", r"study\.db: another search \(host:pid <host>:<pid>\) is running"):
         _two_searches,

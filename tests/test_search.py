@@ -193,7 +193,7 @@ def _changed(params, section: str, **update):
 BLOCK_NAMES = tuple(f"down_blocks.{i}.attentions.0" for i in range(5))
 RESUME_CASES = {  # key -> (how the params change, the old and new values as the message shows them)
     "search.objectives": (lambda p: _changed(p, "search", objectives=("mem_mean_sim", "fid")),
-                          '["mem_mean_sim", "kid"]', '["mem_mean_sim", "fid"]'),
+                          '["mem_mean_sim", "kid_vs_unmasked"]', '["mem_mean_sim", "fid"]'),
     "blocks": (None, '["down_blocks.0', '["down_blocks.1'),
     "tuning.method": (lambda p: _changed(p, "tuning", method="bias"), "lora", "bias"),
     "tuning.mode": (lambda p: _changed(p, "tuning", mode="reference"), "full", "reference"),
@@ -259,3 +259,37 @@ def test_a_second_search_on_the_same_study_is_refused_and_a_killed_one_frees_it(
     os.waitpid(pid, 0)
     with S.study_lock(db):  # the kernel released the dead holder's lock: no stale lock to clean up
         pass
+
+
+def _relative_run(study, n, batch, kid_of, seen_batches):
+    """optimize() with a relative second objective: kid_of(mask) is the raw quality value."""
+    def evaluate(proposals):
+        seen_batches.append([all(m.bits) for _, m in proposals])
+        return [S.Outcome([sum(m.bits) * 0.1, kid_of(m)], {"mask": m.digest()}) for _, m in proposals]
+
+    for anchor in S.anchor_params(len(BLOCKS), LRS):
+        study.enqueue_trial(anchor)
+    S.optimize(study, S.search_space(len(BLOCKS), LRS), n_trials=n, batch_size=batch, make_mask=_mask,
+               evaluate=evaluate, seed=0, relative=(1,))
+
+
+def test_relative_objective_is_told_as_a_ratio_to_the_anchor_at_the_trials_lr(tmp_path):
+    st = _study(tmp_path)
+    kid_of = lambda m: {1e-4: 0.4, 1e-3: 0.2, 1e-2: 0.1}[m.lr] * (1 + (len(m.bits) - sum(m.bits)))
+    batches = []
+    _relative_run(st, 9, 2, kid_of, batches)
+    # the 3 anchors run first, in batches of their own, even with batch_size 2
+    assert batches[:2] == [[True, True], [True]] and not any(any(b) for b in batches[2:])
+    trials = S.completed(st)
+    assert len(trials) == 9
+    for t in trials:
+        raw = t.user_attrs["raw_values"]
+        anchor = {1e-4: 0.4, 1e-3: 0.2, 1e-2: 0.1}[t.params["lr"]]
+        assert t.values[0] == raw[0] and t.values[1] == pytest.approx(raw[1] / anchor)
+        assert (t.values[1] == pytest.approx(1.0)) == S.is_anchor(t.params)
+
+
+def test_a_relative_objective_without_a_positive_anchor_fails_the_search_naming_why(tmp_path):
+    st = _study(tmp_path)
+    with pytest.raises(S.SearchError, match="non-positive quality value"):
+        _relative_run(st, 9, 3, lambda m: -0.01 if m.lr == 1e-4 else 0.1, [])

@@ -221,7 +221,8 @@ def search_pareto_with_baselines(params: Params, layout: Layout, table: pd.DataF
     trials = pd.read_csv(trials_csv)
     if trials.empty:
         return None
-    mem_o, q_o = params.search.objectives
-    base = pd.DataFrame({"arm": table["arm"], mem_o: table[OBJECTIVES[mem_o][0]], q_o: table[OBJECTIVES[q_o][0]]})
+    # the metrics themselves: an audit arm has no anchor to divide a relative objective by
+    mem_k, q_k = (OBJECTIVES[o][0] for o in params.search.objectives)
+    base = pd.DataFrame({"arm": table["arm"], mem_k: table[mem_k], q_k: table[q_k]})
     sel = json.loads(layout.selected_info.read_text()).get("trial") if layout.selected_info.exists() else None
-    return pareto_plot(trials, x=mem_o, y=q_o, path=path, selected=sel, baselines=base)
+    return pareto_plot(trials, x=mem_k, y=q_k, path=path, selected=sel, baselines=base)
