@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 from memcontrol import search as S
 from memcontrol.arms import final_rows, run_arm, search_rows
 from memcontrol.base_model import block_list
-from memcontrol.config import OBJECTIVES, load_params
+from memcontrol.config import load_params
 from memcontrol.evaluate import EvalContext
 from memcontrol.report import markdown_table
 from memcontrol.workdir import Layout
@@ -84,23 +84,46 @@ def main() -> None:
         rho, p = spearmanr(table[f"inner.{k}"], table[f"stage2.{k}"])
         correlation[k] = {"spearman": float(rho), "p": float(p)}
 
-    # seed-to-seed noise of the inner loop for fixed masks, against the spread between masks
+    # seed-to-seed noise of the inner loop for fixed masks, against the spread between masks: the
+    # anchors (every block on) at the first --noise-masks learning rates, and at each of those LRs
+    # the first mask with blocks off, whose KID over its anchor's at the same seed is the relative
+    # quality objective's noise (a search runs every trial, anchors included, at one seed)
+    anchors = masks[: args.noise_masks]
+    masked = [next(m for m in masks if m.lr == a.lr and not all(m.bits)) for a in anchors]
     noise_rows = []
-    for mask in masks[: args.noise_masks]:
+    for mask in anchors + masked:
         for seed in range(args.noise_seeds):
             m = run_arm(params, layout, inner_ctx, mask, root / "noise" / f"{mask.digest()}-seed{seed}",
                         rows=inner_rows, steps=params.train.steps, seed=seed)["metrics"]
             noise_rows.append({"bits": "".join(map(str, mask.bits)), "lr": mask.lr, "seed": seed, **{k: m[k] for k in KEYS}})
     noise = pd.DataFrame(noise_rows)
-    objectives = {o: OBJECTIVES[o][0] for o in params.search.objectives}
+    plain = noise[noise["bits"].isin(["".join(map(str, m.bits)) for m in anchors])]
+    # quality over the anchor's at the same LR: for the masks table (inner budget, seed 0) and per seed
+    anchor_kid = table[table["bits"].str.fullmatch("1+")].set_index("lr")["inner.quality.kid_mean"]
+    table["inner.kid_vs_unmasked"] = table["inner.quality.kid_mean"] / table["lr"].map(anchor_kid)
+    stage2_anchor_kid = table[table["bits"].str.fullmatch("1+")].set_index("lr")["stage2.quality.kid_mean"]
+    table["stage2.kid_vs_unmasked"] = table["stage2.quality.kid_mean"] / table["lr"].map(stage2_anchor_kid)
+    rho, p = spearmanr(table["inner.kid_vs_unmasked"], table["stage2.kid_vs_unmasked"])
+    correlation["kid_vs_unmasked"] = {"spearman": float(rho), "p": float(p)}
+    rho, p = spearmanr(table["inner.kid_vs_unmasked"], table["stage2.quality.kid_mean"])
+    correlation["kid_vs_unmasked (inner) vs quality.kid_mean (stage 2)"] = {"spearman": float(rho), "p": float(p)}
+    by_seed = noise[noise["bits"].str.fullmatch("1+")].set_index(["lr", "seed"])["quality.kid_mean"]
+    ratios = noise[~noise["bits"].str.fullmatch("1+")].copy()
+    ratios["kid_vs_unmasked"] = [r["quality.kid_mean"] / by_seed[(r["lr"], r["seed"])] for _, r in ratios.iterrows()]
+    measures = {  # objective -> (frame with its seed runs, column there, column of the masks table, demo column)
+        "mem_mean_sim": (plain, "mem.mean_sim", "inner.mem.mean_sim", "mem.mean_sim"),
+        "kid": (plain, "quality.kid_mean", "inner.quality.kid_mean", "quality.kid_mean"),
+        "kid_vs_unmasked": (ratios, "kid_vs_unmasked", "inner.kid_vs_unmasked", "kid_vs_unmasked"),
+    }
     signal = {}
     demo = pd.read_csv(args.trials) if args.trials and args.trials.exists() else None
-    for name, key in objectives.items():
-        seed_std = float(noise.groupby(["bits", "lr"])[key].std(ddof=1).mean())
-        between = float(table[f"inner.{key}"].std(ddof=1))
-        entry = {"seed_std": seed_std, "spread_between_masks_std": between, "ratio_masks": between / seed_std}
-        if demo is not None:
-            entry["spread_between_demo_trials_std"] = float(demo[key].std(ddof=1))
+    for name, (runs, column, masks_column, demo_column) in measures.items():
+        seed_std = float(runs.groupby(["bits", "lr"])[column].std(ddof=1).mean())
+        between = float(table[masks_column].std(ddof=1))
+        entry = {"seed_std": seed_std, "spread_between_masks_std": between, "ratio_masks": between / seed_std,
+                 "noise_masks": sorted(set(runs["bits"] + "@" + runs["lr"].map("{:g}".format)))}
+        if demo is not None and demo_column in demo:
+            entry["spread_between_demo_trials_std"] = float(demo[demo_column].std(ddof=1))
             entry["ratio_demo_trials"] = entry["spread_between_demo_trials_std"] / seed_std
         signal[name] = entry
 
@@ -114,8 +137,9 @@ def main() -> None:
         "inner": {"steps": params.train.steps, "batch_size": params.train.batch_size, "split": "val"},
         "stage2": {"steps": params.final.steps, "batch_size": params.final.batch_size, "split": "test"},
         "method": params.tuning.method, "mode": params.tuning.mode, "granularity": params.tuning.granularity,
-        "n_masks": len(masks), "spearman": correlation, "signal": signal,
-        "masks": rows, "noise": noise_rows, "seconds": round(time.perf_counter() - t0, 1),
+        "n_masks": len(masks), "search_objectives": list(params.search.objectives), "spearman": correlation,
+        "signal": signal,
+        "masks": table.to_dict("records"), "noise": noise_rows, "seconds": round(time.perf_counter() - t0, 1),
     }, indent=2))
 
 

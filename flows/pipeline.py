@@ -116,8 +116,12 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
     methods = params.tuning.methods
     space = S.search_space(len(blocks), params.search.learning_rates, methods)
     if not study.trials:  # the method with no mask at each LR first: the anchors the rule measures against
-        for anchor in S.anchor_params(len(blocks), params.search.learning_rates, methods):
-            study.enqueue_trial(anchor)
+        anchors = S.anchor_params(len(blocks), params.search.learning_rates, methods)
+        # then the rest of the first generation: random bits, the learning rates in equal shares
+        starts = S.initial_design(min(params.search.population_size, params.search.n_trials) - len(anchors),
+                                  params.search.learning_rates, methods, params.search.seed)
+        for fixed in anchors + starts:
+            study.enqueue_trial(fixed)
     # early stopping (memcontrol/fidelity.py): scored at each rung, stopped when dominated there
     stopping = params.search.early_stopping
     rungs = F.rung_steps(params.train.steps, stopping.rungs) if stopping.enabled else ()

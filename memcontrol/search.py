@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from memcontrol import study_storage
+from memcontrol.anchors import is_anchor, pending_anchors, relative_values
 from memcontrol.errors import UserError
 from memcontrol.tuning import Mask
 
@@ -186,44 +187,18 @@ def anchor_params(n_blocks: int, learning_rates: tuple[float, ...], methods: tup
     return [{**on, "lr": lr, **({"method": m} if m else {})} for m in named for lr in learning_rates]
 
 
-def is_anchor(trial_params: dict) -> bool:
-    """Every block on: the method with no mask, an anchor (`anchor_params`)."""
-    bits = [v for k, v in trial_params.items() if k not in ("lr", "method")]
-    return bool(bits) and all(int(v) == 1 for v in bits)
-
-
-def anchor_of(study: optuna.Study, trial_params: dict) -> FrozenTrial | None:
-    """The scored anchor at the learning rate (and method) of `trial_params`, or None."""
-    key = (trial_params.get("method"), float(trial_params["lr"]))
-    for t in completed(study):
-        if is_anchor(t.params) and (t.params.get("method"), float(t.params["lr"])) == key and "raw_values" in t.user_attrs:
-            return t
-    return None
-
-
-def relative_values(study: optuna.Study, trial: optuna.Trial, raw: list[float],
-                    relative: tuple[int, ...]) -> tuple[list[float] | None, str]:
-    """The values told for a trial whose objectives at positions `relative` are divided by its
-    anchor's (an anchor's own are 1): (values, "") or (None, why not)."""
-    anchor = raw if is_anchor(trial.params) else getattr(anchor_of(study, trial.params), "user_attrs", {}).get("raw_values")
-    if anchor is None:
-        return None, (f"no scored anchor (every block on at lr {trial.params['lr']:g}) to divide the relative "
-                      "objective by; it failed or was never enqueued")
-    if any(not anchor[i] > 0 for i in relative):
-        return None, (f"the anchor at lr {trial.params['lr']:g} has a non-positive quality value {anchor}: a ratio "
-                      "to it means nothing; use the plain objective (kid, fid) in search.objectives")
-    return [v / anchor[i] if i in relative else v for i, v in enumerate(raw)], ""
-
-
-def pending_anchors(study: optuna.Study) -> tuple[int, int]:
-    """(waiting, running) anchors: trials with relative objectives wait until every anchor is scored."""
-    waiting = running = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
-        fixed = t.params if t.state == TrialState.RUNNING else t.system_attrs.get("fixed_params", {})
-        if fixed and is_anchor(fixed):
-            waiting += t.state == TrialState.WAITING
-            running += t.state == TrialState.RUNNING
-    return waiting, running
+def initial_design(n: int, learning_rates: tuple[float, ...], methods: tuple[str, ...] = (), seed: int = 0) -> list[dict]:
+    """`n` partial configurations (`lr`, and `method` for a list) that the sampler completes with
+    random bits: the random first generation, stratified over the grid so that every learning rate
+    gets its share (drawn unstratified, the default's 5 random starts once held no trial at 1e-4:
+    the rate whose masks copy least, docs/search.md "The loop")."""
+    cells = [{"lr": lr, **({"method": m} if len(methods) > 1 else {})}
+             for m in (methods if len(methods) > 1 else (None,)) for lr in learning_rates]
+    rng = np.random.default_rng([seed, 7])
+    out: list[dict] = []
+    while len(out) < n:
+        out += [cells[i] for i in rng.permutation(len(cells))]
+    return out[:n]
 
 
 def evaluated(study: optuna.Study) -> dict[str, FrozenTrial]:
@@ -439,7 +414,7 @@ def optimize(
                 trial.set_user_attr("record", json.dumps(outcome.record, default=str))
             if relative and outcome.values is not None and all(v == v for v in outcome.values):
                 trial.set_user_attr("raw_values", list(outcome.values))
-                values, why = relative_values(study, trial, list(outcome.values), relative)
+                values, why = relative_values(completed(study), trial.params, list(outcome.values), relative)
                 outcome = Outcome(values, outcome.record, reason=why, stopped_at=outcome.stopped_at)
             if outcome.stopped_at is not None:
                 trial.set_user_attr("stopped_at", outcome.stopped_at)

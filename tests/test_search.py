@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from memcontrol import search as S
+from memcontrol import anchors, search as S
 
 BLOCKS = tuple(f"down_blocks.{i}.attentions.0" for i in range(5))
 
@@ -286,10 +286,25 @@ def test_relative_objective_is_told_as_a_ratio_to_the_anchor_at_the_trials_lr(tm
         raw = t.user_attrs["raw_values"]
         anchor = {1e-4: 0.4, 1e-3: 0.2, 1e-2: 0.1}[t.params["lr"]]
         assert t.values[0] == raw[0] and t.values[1] == pytest.approx(raw[1] / anchor)
-        assert (t.values[1] == pytest.approx(1.0)) == S.is_anchor(t.params)
+        assert (t.values[1] == pytest.approx(1.0)) == anchors.is_anchor(t.params)
 
 
 def test_a_relative_objective_without_a_positive_anchor_fails_the_search_naming_why(tmp_path):
     st = _study(tmp_path)
     with pytest.raises(S.SearchError, match="non-positive quality value"):
         _relative_run(st, 9, 3, lambda m: -0.01 if m.lr == 1e-4 else 0.1, [])
+
+
+def test_the_initial_design_gives_every_learning_rate_its_share_and_the_sampler_draws_the_bits(tmp_path):
+    starts = S.initial_design(7, LRS, seed=3)
+    assert sorted(s["lr"] for s in starts).count(LRS[0]) in (2, 3) and {s["lr"] for s in starts} == set(LRS)
+    assert all(sorted(s) == ["lr"] for s in starts)
+    assert S.initial_design(7, LRS, seed=3) == starts
+    methods = S.initial_design(6, LRS, ("lora", "svdiff"), seed=0)
+    assert len({(s["method"], s["lr"]) for s in methods}) == 6
+    st = _study(tmp_path)
+    for fixed in starts:
+        st.enqueue_trial(fixed)
+    _run(st, 7)
+    assert [t.params["lr"] for t in st.trials[:7]] == [s["lr"] for s in starts]
+    assert len({tuple(t.params[S.bit_name(i)] for i in range(len(BLOCKS))) for t in st.trials[:7]}) > 1
