@@ -3,9 +3,10 @@ Stage 2: a search that had proposed exactly those 16 configurations.
 
 Reads benchmarks/results/fidelity.json (each mask at the inner budget on val and at the Stage-2
 budget on test, seed 0) and the audit's full fine-tuning (3 seeds). Applies `memcontrol.pareto.select`
-to the inner points' Pareto front twice: with each point measured against the method with no mask
-at its own learning rate (the default, `select.quality_reference: unmasked`) and against the one at
-the highest learning rate for every point (one reference for all, the rule before). For each pick it
+three times: on the front in (mem_mean_sim, kid_vs_unmasked), the search's objectives (the default);
+on the front in (mem_mean_sim, kid) with each point measured against the method with no mask at its
+own learning rate (the rule before); and on that front against the one at the highest learning
+rate for every point (one reference for all, the rule before that). For each pick it
 reports the Stage-2 flagged rate and KID as ratios of full fine-tuning's 3-seed means, the
 search-signal targets (<= 0.2 and <= 1 + select.quality_tolerance).
 
@@ -48,19 +49,24 @@ def main() -> None:
     fidelity = json.loads(args.fidelity.read_text())
     audit = json.loads(args.audit.read_text())
     full = audit["full"]
-    mem_o, q_o = params.search.objectives
-    mem_k, q_k = OBJECTIVES[mem_o][0], OBJECTIVES[q_o][0]
+    mem_o = params.search.objectives[0]
+    mem_k = OBJECTIVES[mem_o][0]
     df = pd.DataFrame([{"number": m["mask"], "method": fidelity["method"], "lr": m["lr"], "bits": m["bits"],
-                        "trainable_pct": m["trainable_pct"], mem_o: m[f"inner.{mem_k}"], q_o: m[f"inner.{q_k}"],
+                        "trainable_pct": m["trainable_pct"], mem_o: m[f"inner.{mem_k}"],
+                        "kid": m["inner.quality.kid_mean"], "kid_vs_unmasked": m["inner.kid_vs_unmasked"],
                         **{f"stage2.{k}": m[f"stage2.{k}"] for k in ("mem.flagged_rate", "mem.mean_sim", "quality.kid_mean")}}
                        for m in fidelity["masks"]])
-    directions = [OBJECTIVES[o][1] for o in params.search.objectives]
-    front = df[is_pareto_front(df[[mem_o, q_o]].to_numpy(), directions)]
     top_lr = df["lr"].max()
-    references = {"per learning rate (default)": reference_quality(params, df, front),
-                  f"one for all: unmasked at lr {top_lr:g}": reference_quality(params, df, front.assign(lr=top_lr))}
-    picks = []
-    for name, reference in references.items():
+    # (name, quality column, whether every point is measured against the unmasked method at top_lr)
+    rules = [("kid_vs_unmasked front, each point against its anchor (the default)", "kid_vs_unmasked", False),
+             ("KID front, each point against its anchor (the rule before)", "kid", False),
+             (f"KID front, one for all: unmasked at lr {top_lr:g} (the rule before that)", "kid", True)]
+    picks, fronts = [], {}
+    for name, q_o, one_for_all in rules:
+        rule_params = params.model_copy(update={"search": params.search.model_copy(update={"objectives": (mem_o, q_o)})})
+        front = df[is_pareto_front(df[[mem_o, q_o]].to_numpy(), ["minimize", "minimize"])]
+        fronts[name] = front["number"].astype(int).tolist()
+        reference = reference_quality(rule_params, df, front.assign(lr=top_lr) if one_for_all else front)
         row, why = select(front, mem=mem_o, quality=q_o, rule=params.select.rule,
                           quality_tolerance=params.select.quality_tolerance, reference_quality=reference)
         flagged, kid = row["stage2.mem.flagged_rate"], row["stage2.quality.kid_mean"]
@@ -70,7 +76,7 @@ def main() -> None:
                       "flagged_ratio_to_full": float(flagged / full["mem.flagged_rate"]),
                       "kid_ratio_to_full": float(kid / full["quality.kid_mean"]), "why": why})
     out = {"full_3_seeds": {"mem.flagged_rate": full["mem.flagged_rate"], "quality.kid_mean": full["quality.kid_mean"]},
-           "front": front["number"].astype(int).tolist(), "picks": picks,
+           "fronts": fronts, "picks": picks,
            "targets": {"flagged_ratio": 0.2, "kid_ratio": 1 + params.select.quality_tolerance}}
     if args.workdir is not None:
         out["stage2_seeds"] = stage2_seeds(args.workdir, picks[0], args.seeds, audit)
