@@ -48,3 +48,14 @@ def pending_anchors(study: optuna.Study) -> tuple[int, int]:
             waiting += t.state == TrialState.WAITING
             running += t.state == TrialState.RUNNING
     return waiting, running
+
+
+def unscored(study: optuna.Study, anchors: list[dict]) -> list[dict]:
+    """The anchors (parameter dicts) with no completed, waiting or running trial: on a resume, one
+    that failed before (the search stopped on it) is run again."""
+    def key(fixed: dict) -> tuple:
+        return tuple(sorted((k, float(v) if k == "lr" else v) for k, v in fixed.items()))
+
+    held = {key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))}
+    held |= {key(t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    return [a for a in anchors if key(a) not in held]

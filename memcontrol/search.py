@@ -440,7 +440,7 @@ def optimize(
         if anchor_failed:  # every trial at its learning rate would be told a ratio to nothing
             number, reason = anchor_failed
             raise SearchError(f"anchor trial {number} (every block on, the reference of the relative objective "
-                              f"at its learning rate) failed: {reason}")
+                              f"at its learning rate) failed: {reason}; a rerun runs it again")
         if len(failures) >= max_failures:  # checked once the whole batch is told: no trial left RUNNING
             number, reason = failures[0]
             raise SearchError(f"{len(failures)} trials failed in a row (search.max_failures={max_failures}); "

@@ -48,7 +48,7 @@ def test_each_point_is_measured_against_its_own_anchor():
     trials = pd.DataFrame({"number": [0, 1, 2, 3], "method": ["full"] * 4, "lr": [1e-4, 1e-3, 1e-4, 1e-3],
                            "bits": ["111", "111", "101", "110"], "mem_mean_sim": [0.70, 0.84, 0.65, 0.80],
                            "kid": [0.112, 0.060, 0.123, 0.034]})
-    params = Params.model_validate({})
+    params = Params.model_validate({"search": {"objectives": ["mem_mean_sim", "kid"]}})
     ref = reference_quality(params, trials, trials)
     assert ref.tolist() == [0.112, 0.060, 0.112, 0.060]
     pick, why = select(trials, mem="mem_mean_sim", quality="kid", rule="least_memorization_within_quality",

@@ -61,7 +61,7 @@ def test_a_terminal_shows_bars_for_the_search_its_trials_and_an_eta(micro_search
     assert "\x1b[" in out and "\x1b[?25l" in out  # rich hides the cursor while its live display is on
     assert re.search(r"search: trial 1/3 \| best front so far: - \| ETA \?", text), text[-3000:]
     assert re.search(r"search: trial 2/3 \|", text)
-    assert re.search(r"search: trial 3/3 \| best front so far: \(\d\) #\d+ mem_mean_sim [\d.]+, kid [\d.e-]+.* \| ETA \d+s",
+    assert re.search(r"search: trial 3/3 \| best front so far: \(\d\) #\d+ mem_mean_sim [\d.]+, kid_vs_unmasked [\d.e-]+.* \| ETA \d+s",
                      text), text[-3000:]
     assert re.search(r"trial [0-9a-f]+: fine-tune .*\d/4", text) and re.search(r"trial [0-9a-f]+: generate", text)
     assert not re.search(r"fine-tune: \d+/\d+ \(\d+%\)", text)  # LogLines' form: not on a terminal

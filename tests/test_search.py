@@ -308,3 +308,14 @@ def test_the_initial_design_gives_every_learning_rate_its_share_and_the_sampler_
     _run(st, 7)
     assert [t.params["lr"] for t in st.trials[:7]] == [s["lr"] for s in starts]
     assert len({tuple(t.params[S.bit_name(i)] for i in range(len(BLOCKS))) for t in st.trials[:7]}) > 1
+
+
+def test_a_resume_runs_a_failed_anchor_again(tmp_path):
+    st = _study(tmp_path)
+    anchor_list = S.anchor_params(len(BLOCKS), LRS)
+    with pytest.raises(S.SearchError, match="a rerun runs it again"):
+        _relative_run(st, 9, 3, lambda m: -0.01 if m.lr == 1e-4 else 0.1, [])
+    assert anchors.unscored(st, anchor_list) == [anchor_list[0]]  # the two others completed
+    for fixed in anchors.unscored(st, anchor_list):
+        st.enqueue_trial(fixed)
+    assert anchors.unscored(st, anchor_list) == []  # waiting now

@@ -146,7 +146,9 @@ def searched(tmp_path_factory):
     params = yaml.safe_load((ROOT / "tests" / "micro_params.yaml").read_text())
     params["tuning"] = {"method": ["lora", "svdiff", "difffit"], "mode": "full", "options": {"rank": 2}}
     # one LR: the 3 anchors (each method with no mask) leave 3 proposals that may be stopped
+    # early stopping compares rung points on plain KID (a relative objective would need the anchors' rungs)
     params["search"].update({"n_trials": 6, "batch_size": 2, "sampler": "random", "learning_rates": [1.0e-3],
+                             "objectives": ["mem_mean_sim", "kid"],
                              "early_stopping": {"enabled": True, "rungs": [0.5], "min_trials": 1}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     args = (str(root / "params.yaml"), str(root))
