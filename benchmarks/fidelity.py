@@ -100,17 +100,18 @@ def main() -> None:
             noise_rows.append({"bits": "".join(map(str, mask.bits)), "lr": mask.lr, "seed": seed, **{k: m[k] for k in KEYS}})
     noise = pd.DataFrame(noise_rows)
     plain = noise[noise["bits"].isin(["".join(map(str, m.bits)) for m in anchors])]
-    # quality over the anchor's at the same LR: for the masks table (inner budget, seed 0) and per seed
-    anchor_kid = table[table["bits"].str.fullmatch("1+")].set_index("lr")["inner.quality.kid_mean"]
-    table["inner.kid_vs_unmasked"] = table["inner.quality.kid_mean"] / table["lr"].map(anchor_kid)
-    stage2_anchor_kid = table[table["bits"].str.fullmatch("1+")].set_index("lr")["stage2.quality.kid_mean"]
-    table["stage2.kid_vs_unmasked"] = table["stage2.quality.kid_mean"] / table["lr"].map(stage2_anchor_kid)
+    # quality over the anchor's at the same LR: for the masks table (both budgets, seed 0) and per seed
+    unmasked = table["bits"].str.fullmatch("1+")
+    for budget in ("inner", "stage2"):
+        kid = table[f"{budget}.quality.kid_mean"]
+        table[f"{budget}.kid_vs_unmasked"] = kid / table["lr"].map(kid[unmasked].set_axis(table["lr"][unmasked]))
     rho, p = spearmanr(table["inner.kid_vs_unmasked"], table["stage2.kid_vs_unmasked"])
     correlation["kid_vs_unmasked"] = {"spearman": float(rho), "p": float(p)}
     rho, p = spearmanr(table["inner.kid_vs_unmasked"], table["stage2.quality.kid_mean"])
     correlation["kid_vs_unmasked (inner) vs quality.kid_mean (stage 2)"] = {"spearman": float(rho), "p": float(p)}
-    by_seed = noise[noise["bits"].str.fullmatch("1+")].set_index(["lr", "seed"])["quality.kid_mean"]
-    ratios = noise[~noise["bits"].str.fullmatch("1+")].copy()
+    unmasked_runs = noise["bits"].str.fullmatch("1+")
+    by_seed = noise[unmasked_runs].set_index(["lr", "seed"])["quality.kid_mean"]
+    ratios = noise[~unmasked_runs].copy()
     ratios["kid_vs_unmasked"] = [r["quality.kid_mean"] / by_seed[(r["lr"], r["seed"])] for _, r in ratios.iterrows()]
     measures = {  # objective -> (frame with its seed runs, column there, column of the masks table, demo column)
         "mem_mean_sim": (plain, "mem.mean_sim", "inner.mem.mean_sim", "mem.mean_sim"),

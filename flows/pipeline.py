@@ -116,16 +116,15 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
                  tracker: SearchProgress) -> dict:
     methods = params.tuning.methods
     space = S.search_space(len(blocks), params.search.learning_rates, methods)
+    # the method with no mask at each LR first: the anchors the rule measures against (on a resume,
+    # one that failed, which stopped the search); on a new study then the rest of the first
+    # generation: random bits, the learning rates in equal shares
     anchors = S.anchor_params(len(blocks), params.search.learning_rates, methods)
-    if not study.trials:  # the method with no mask at each LR first: the anchors the rule measures against
-        # then the rest of the first generation: random bits, the learning rates in equal shares
-        starts = S.initial_design(min(params.search.population_size, params.search.n_trials) - len(anchors),
-                                  params.search.learning_rates, methods, params.search.seed)
-        for fixed in anchors + starts:
-            study.enqueue_trial(fixed)
-    else:  # a resume: an anchor that failed (the search stopped on it) runs again first
-        for fixed in unscored(study, anchors):
-            study.enqueue_trial(fixed)
+    starts = [] if study.trials else S.initial_design(
+        min(params.search.population_size, params.search.n_trials) - len(anchors),
+        params.search.learning_rates, methods, params.search.seed)
+    for fixed in unscored(study, anchors) + starts:
+        study.enqueue_trial(fixed)
     # early stopping (memcontrol/fidelity.py): scored at each rung, stopped when dominated there
     stopping = params.search.early_stopping
     rungs = F.rung_steps(params.train.steps, stopping.rungs) if stopping.enabled else ()

@@ -195,7 +195,7 @@ OBJECTIVES = {
     "kid_vs_unmasked": ("quality.kid_mean", "minimize"),
     "fid_vs_unmasked": ("quality.fid", "minimize"),
 }
-RELATIVE = ("kid_vs_unmasked", "fid_vs_unmasked")  # objectives told as a ratio to the trial's anchor
+RELATIVE = tuple(o for o in OBJECTIVES if o.endswith("_vs_unmasked"))  # told as a ratio to the trial's anchor
 
 
 class EarlyStopping(_Strict):
