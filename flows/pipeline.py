@@ -116,14 +116,13 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
                  tracker: SearchProgress) -> dict:
     methods = params.tuning.methods
     space = S.search_space(len(blocks), params.search.learning_rates, methods)
-    # the method with no mask at each LR first: the anchors the rule measures against (on a resume,
-    # one that failed, which stopped the search); on a new study then the rest of the first
-    # generation: random bits, the learning rates in equal shares
+    # the method with no mask at each LR first: the anchors the rule measures against; then the rest
+    # of the first generation: random bits, the learning rates in equal shares (S.optimize keeps
+    # this plan on a new study). On a resume, an anchor that failed (the search stopped on it) runs again.
     anchors = S.anchor_params(len(blocks), params.search.learning_rates, methods)
-    starts = [] if study.trials else S.initial_design(
-        min(params.search.population_size, params.search.n_trials) - len(anchors),
-        params.search.learning_rates, methods, params.search.seed)
-    for fixed in unscored(study, anchors) + starts:
+    first = anchors + S.initial_design(min(params.search.population_size, params.search.n_trials) - len(anchors),
+                                       params.search.learning_rates, methods, params.search.seed)
+    for fixed in unscored(study, anchors):
         study.enqueue_trial(fixed)
     # early stopping (memcontrol/fidelity.py): scored at each rung, stopped when dominated there
     stopping = params.search.early_stopping
@@ -164,7 +163,7 @@ def _search_loop(params: Params, workdir: str, layout: Layout, study, blocks, ur
         S.optimize(study, space, n_trials=params.search.n_trials, batch_size=params.search.batch_size,
                    make_mask=make_mask, evaluate=evaluate, seed=params.search.seed,
                    max_failures=params.search.max_failures,
-                   relative=tuple(i for i, o in enumerate(params.search.objectives) if o in RELATIVE),
+                   relative=tuple(i for i, o in enumerate(params.search.objectives) if o in RELATIVE), first=first,
                    # after each batch is told: trial k of n, the front so far, an ETA (tasks/progress.py)
                    on_told=tracker.told)
 

@@ -51,11 +51,12 @@ def pending_anchors(study: optuna.Study) -> tuple[int, int]:
 
 
 def unscored(study: optuna.Study, anchors: list[dict]) -> list[dict]:
-    """The anchors (parameter dicts) with no completed, waiting or running trial: on a resume, one
-    that failed before (the search stopped on it) is run again."""
+    """The anchors (parameter dicts) that failed and have no completed, waiting or running trial:
+    on a resume, one that failed before (the search stopped on it) is run again."""
     def key(fixed: dict) -> tuple:
         return tuple(sorted((k, float(v) if k == "lr" else v) for k, v in fixed.items()))
 
     held = {key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))}
     held |= {key(t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-    return [a for a in anchors if key(a) not in held]
+    tried = {key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return [a for a in anchors if key(a) in tried and key(a) not in held]

@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from memcontrol import study_storage
 from memcontrol.anchors import is_anchor, pending_anchors, relative_values
 from memcontrol.errors import UserError
+from memcontrol.resume import (ResumeError, check_resume, enqueue_first, first_trials, resume_settings,
+                               restore_sampler, save_sampler)
 from memcontrol.tuning import Mask
 
 log = logging.getLogger(__name__)
@@ -121,56 +123,6 @@ def study_lock(storage: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class ResumeError(UserError, ValueError):
-    """A study would be resumed under settings other than those its trials were scored with."""
-
-
-def resume_settings(params, blocks: tuple[str, ...]) -> dict:
-    """What a trial's objective values depend on besides its mask bits and LR: the objectives, the
-    candidate blocks, the method and its options, the inner loop (training set, training,
-    sampling) and how it is scored (metrics). Throughput-only settings (device, sample.batch_size, n_trials) are left out, so they
-    may change between runs; the sampler's settings have their own sibling study (`open_study`)."""
-    train = params.train.model_dump(exclude={"device", "gradient_checkpointing"})
-    sample = params.sample.model_dump(exclude={"batch_size"})
-    settings = {
-        "search.objectives": list(params.search.objectives),
-        "search.learning_rates": list(params.search.learning_rates),
-        "blocks": list(blocks),
-        "tuning.method": params.tuning.method,
-        "tuning.mode": params.tuning.mode,
-        "tuning.granularity": params.tuning.granularity,
-        "tuning.options": dict(params.tuning.options),
-        "seed": params.seed,
-        "data.data_size_ratio": params.data.data_size_ratio,
-        "data.n_repeats": params.data.n_repeats,
-        **{f"train.{k}": v for k, v in train.items()},
-        **{f"sample.{k}": v for k, v in sample.items()},
-        **{f"metrics.{k}": v for k, v in params.metrics.model_dump().items()},
-    }
-    return json.loads(json.dumps(settings, default=str))  # as the SQLite storage gives it back
-
-
-def check_resume(study: optuna.Study, settings: dict, storage: Path | str) -> None:
-    """Record `settings` on a study without trials; on one with trials, refuse any difference,
-    naming the key and both values (a study from before settings were recorded has only `blocks`)."""
-    stored = study.user_attrs.get("settings") or {}
-    if not stored and "blocks" in study.user_attrs:
-        stored = {"blocks": study.user_attrs["blocks"]}
-    if study.get_trials(deepcopy=False):
-        for key, now in settings.items():
-            if key in stored and stored[key] != now:
-                raise ResumeError(
-                    f"study `{study.study_name}` in {storage} has {len(study.trials)} trials scored with "
-                    f"{key}={_show(stored[key])}, but the params now say {key}={_show(now)}; resuming would "
-                    f"pair those values with the new setting. Set a new search.study_name to search anew "
-                    f"(e.g. -S search.study_name=...), or restore {key}.")
-    study.set_user_attr("settings", {**stored, **settings})
-
-
-def _show(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
 def unmasked_params(n_blocks: int, learning_rates: tuple[float, ...], methods: tuple[str, ...] = ()) -> dict:
     """Every block on, the middle learning rate of the grid: the method with no mask (the first
     method of a list)."""
@@ -255,6 +207,7 @@ def ask_batch(study: optuna.Study, space: dict, n: int) -> list[optuna.Trial]:
     if study_storage.heartbeat_interval(study) is not None:
         for t in trials:
             study._storage.record_heartbeat(t._trial_id)
+    save_sampler(study)  # a resumed search restores it (memcontrol/resume.py)
     return trials
 
 
@@ -357,6 +310,7 @@ def optimize(
     max_failures: int = 3,
     on_told: Callable[[], None] | None = None,
     relative: tuple[int, ...] = (),
+    first: list[dict] = (),
 ) -> None:
     """The ask/tell loop until `n_trials` distinct configurations are scored.
 
@@ -375,7 +329,15 @@ def optimize(
 
     `relative`: positions of objectives told as a ratio to the trial's anchor (config.RELATIVE). The
     anchors (the enqueued trials with every block on) are then asked in batches of their own and
-    scored before any other trial, and each trial keeps its raw values as user attr `raw_values`."""
+    scored before any other trial, and each trial keeps its raw values as user attr `raw_values`.
+
+    `first`: configurations asked before the sampler's own proposals, in order (the anchors, then
+    the first generation; a partial one is completed by the sampler), kept on a new study as its plan
+    and enqueued a batch at a time. A resume asks what an uninterrupted run would have
+    (memcontrol/resume.py): WAITING trials (retries of trials a kill interrupted) are asked first as a
+    batch of their own, from the sampler's random states as they were after the last ask."""
+    plan = first_trials(study, list(first))
+    restore_sampler(study)  # the random stream as after the last ask (asking a retry draws nothing)
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
@@ -391,6 +353,11 @@ def optimize(
             time.sleep(study_storage.heartbeat_interval(study) or 1)  # until they finish or go stale
             continue
         size = min(batch_size, left)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if waiting:  # the rest of an interrupted batch: told before anything new is asked, as uninterrupted
+            size = min(size, waiting)
+        else:
+            enqueue_first(study, plan, size, anchors_alone=bool(relative))
         if relative:
             waiting, running_anchors = pending_anchors(study)
             if waiting:

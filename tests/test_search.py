@@ -158,6 +158,67 @@ def test_resumed_search_scores_as_many_distinct_configurations_as_an_uninterrupt
     assert len(trained) == len(set(trained)) == 10 == S.n_finished(_study(tmp_path / "b"))
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL: the batch's trials stay RUNNING, nothing of it is told."""
+
+
+def _killable_run(study, n, batch, *, kill_at=None, records=None, trained=None, relative=(), first=()):
+    """optimize() whose evaluation dies before its `kill_at`-th evaluation (counted over the whole
+    run); `records` stands for the arms' metrics.json files: a finished evaluation is reused, not
+    trained again, as run_arm does."""
+    records = {} if records is None else records
+    count = [0]
+
+    def evaluate(proposals):
+        out = []
+        for _, mask in proposals:
+            if count[0] == kill_at:
+                raise _Killed
+            count[0] += 1
+            if mask.digest() not in records:
+                if trained is not None:
+                    trained.append(mask.digest())
+                records[mask.digest()] = [sum(mask.bits) * 0.1 + mask.lr, 1.0 + (len(mask.bits) - sum(mask.bits)) * mask.lr]
+            out.append(S.Outcome(records[mask.digest()], {"mask": mask.digest()}))
+        return out
+
+    S.optimize(study, S.search_space(len(BLOCKS), LRS), n_trials=n, batch_size=batch, make_mask=_mask,
+               evaluate=evaluate, seed=0, relative=relative, first=list(first))
+
+
+def _scored_in_order(study):
+    """Completed trials in the order they were asked: a retry at the place of the trial it repeats."""
+    from memcontrol.study_storage import retried_from
+
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    return [(t.params, t.values, "duplicate_of" in t.user_attrs)
+            for t in sorted(done, key=lambda t: (retried_from(t) if retried_from(t) is not None else t.number))]
+
+
+@pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
+@pytest.mark.parametrize("kill_at", [2, 9])  # in the first generation's batches; in a bred batch with a repeat
+@pytest.mark.parametrize("relative", [(), (1,)])
+def test_a_killed_and_resumed_search_asks_and_scores_what_an_uninterrupted_one_does(tmp_path, sampler, kill_at,
+                                                                                      relative):
+    """Issue 12 item 2/8: killed mid-batch (its trials left RUNNING) and rerun in a new process (a
+    rebuilt sampler), the search ends with the very trials of an uninterrupted run, in the same
+    order and with the same values, and no finished evaluation is trained again."""
+    from memcontrol import study_storage
+
+    first = S.anchor_params(len(BLOCKS), LRS) + S.initial_design(3, LRS, seed=0)
+    whole = _study(tmp_path / "a", sampler)
+    _killable_run(whole, 12, 4, relative=relative, first=first)
+    records, trained = {}, []
+    part = _study(tmp_path / "b", sampler)
+    with pytest.raises(_Killed):
+        _killable_run(part, 12, 4, kill_at=kill_at, records=records, trained=trained, relative=relative, first=first)
+    resumed = _study(tmp_path / "b", sampler)  # the rerun: a new sampler from the same seed
+    assert study_storage.recover_orphans(resumed)  # the killed batch's trials, failed and retried
+    _killable_run(resumed, 12, 4, records=records, trained=trained, relative=relative, first=first)
+    assert _scored_in_order(resumed) == _scored_in_order(whole)
+    assert len(trained) == len(set(trained)) == S.n_finished(resumed) == 12
+
+
 def test_search_stops_after_max_failures_naming_the_first_cause(tmp_path):
     st = _study(tmp_path)
     reasons = iter(f"FileNotFoundError: threshold.json (call {i})" for i in range(100))
