@@ -150,7 +150,7 @@ def test_a_worker_killed_mid_trial_is_retried_once_by_the_heartbeat(killed_searc
 
 def test_postgresql_study_keeps_the_resume_guards(postgres):
     """The study in PostgreSQL as in SQLite: a resume under the same settings continues it, one under
-    another setting is refused naming the key and both values (memcontrol.search.check_resume)."""
+    another setting is refused naming the key and both values (memcontrol.resume.check_resume)."""
     from memcontrol import search as S
     from memcontrol.config import Params
 
