@@ -9,10 +9,16 @@ coordination costs per trial, without training:
   `trial` resource, a LocalCluster of 2 processes), one at a time, against the same task called in
   the flow's own process; plus the cluster's start-up (paid once per search).
 
-Usage: python benchmarks/scale_out.py [--trials 6] [--steps 60] [--workdir DIR]
+And why a worker's trial is slower than a trial alone: the same trial in plain processes (no Dask,
+Prefect or database), alone and two at once; and for each search, the CPU seconds every process
+on the machine spent while it ran, by role (trial workers, the search process with Dask's
+scheduler and nannies, the Prefect server, PostgreSQL, anything else).
+
+Usage: python benchmarks/scale_out.py [--trials 11] [--batch-size 4] [--steps 60] [--workdir DIR]
        [--out benchmarks/results/scale_out.json]
        python benchmarks/scale_out.py --tiny --out <somewhere>/scale_out_tiny.json   # a check of the script only
-The search runs use params.yaml with search.n_trials, train.steps and search.batch_size (= 2) set;
+The search runs use params.yaml with search.n_trials and train.steps set (search.batch_size: the default 4;
+with the relative objective the 3 anchors run first, as a batch of their own);
 --tiny uses tests/micro_params.yaml instead (seconds per trial: overhead dominates, no speed-up to see).
 PostgreSQL (scripts/postgres.sh) and one Prefect server for all runs are started on free ports of
 127.0.0.1 and stopped at the end. Run it on an
@@ -91,7 +97,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def base_params(tiny: bool, trials: int, steps: int) -> dict:
+def base_params(tiny: bool, trials: int, steps: int, batch_size: int) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     if tiny:
         params = _merge(params, yaml.safe_load((ROOT / "tests" / "micro_params.yaml").read_text()))
@@ -99,7 +105,7 @@ def base_params(tiny: bool, trials: int, steps: int) -> dict:
     else:
         params["search"].update(n_trials=trials)
         params["train"].update(steps=steps)
-    params["search"].update(batch_size=2, workers=1, storage=None)
+    params["search"].update(batch_size=batch_size, workers=1, storage=None)
     return params
 
 
@@ -127,11 +133,17 @@ def run_search(prepared: Path, work: Path, **search) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # PREFECT_API_URL: prefect_server()
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "search", "-p", str(work / "params.yaml"), "--root",
-                        str(work)], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = open(work / "search.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "search", "-p", str(work / "params.yaml"), "--root",
+                             str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    split = CpuSplit(proc.pid)
+    while proc.poll() is None:
+        split.sample()
+        time.sleep(0.5)
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"search {search} failed:\n{(r.stdout + r.stderr)[-4000:]}")
+    if proc.returncode != 0:
+        log.seek(0)
+        raise SystemExit(f"search {search} failed:\n{log.read()[-4000:]}")
     storage = search.get("storage") or f"sqlite:///{work / 'search' / 'study.db'}"
     study = optuna.load_study(study_name=params["search"]["study_name"], storage=storage)
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -140,7 +152,88 @@ def run_search(prepared: Path, work: Path, **search) -> dict:
             "n_trials": len(done), "search_wall_s": round(wall, 1), "trial_loop_s": round(loop, 1),
             "trials_per_hour": round(len(done) / loop * 3600, 1),
             "seconds_per_trial_in_worker": round(sum(json.loads(t.user_attrs["record"])["metrics"]["wall_seconds"] for t in done)
-                                                 / len(done), 2)}
+                                                 / len(done), 2),
+            "cpu_split": split.result(wall)}
+
+
+ROLES = ("trial workers", "search process (Dask scheduler and nannies included)", "Prefect server", "PostgreSQL",
+         "anything else")
+
+
+def _role(proc, search_pid: int) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+        parents = [p.pid for p in proc.parents()]
+    except Exception:
+        return ROLES[4]
+    if proc.pid == search_pid:
+        return ROLES[1]
+    if search_pid in parents:
+        return ROLES[0]
+    if "prefect" in cmd and ("server" in cmd or "uvicorn" in cmd):
+        return ROLES[2]
+    if "postgres" in cmd:
+        return ROLES[3]
+    return ROLES[4]
+
+
+class CpuSplit:
+    """CPU seconds each process spent while a search ran, summed by role: where the machine's two
+    cores went (what slows each worker's trial down beside the trials themselves)."""
+
+    def __init__(self, search_pid: int):
+        import psutil
+
+        self.psutil, self.search_pid, self.start, self.last = psutil, search_pid, {}, {}
+        for proc in psutil.process_iter():
+            self._see(proc, first=True)
+
+    def _see(self, proc, first: bool = False) -> None:
+        try:
+            times = proc.cpu_times()
+        except Exception:
+            return
+        key = (proc.pid, proc.create_time())
+        total = times.user + times.system
+        if first:
+            self.start[key] = total
+        if key not in self.last:
+            self.last[key] = [_role(proc, self.search_pid), total]
+        self.last[key][1] = total
+
+    def sample(self) -> None:
+        for proc in self.psutil.process_iter():
+            self._see(proc)
+
+    def result(self, wall: float) -> dict:
+        out = {role: 0.0 for role in ROLES}
+        for key, (role, total) in self.last.items():
+            out[role] += total - self.start.get(key, 0.0)
+        return {"wall_s": round(wall, 1), "cpu_s": {k: round(v, 1) for k, v in out.items()},
+                "share_of_two_cores": {k: round(v / (2 * wall), 3) for k, v in out.items()}}
+
+
+def side_by_side(prepared: Path, work: Path) -> dict:
+    """The same trial (the default's middle LR, every other block) in plain processes, no Dask,
+    Prefect or database: alone, then two at once. How much two trials slow each other down on
+    this machine by themselves."""
+    code = ("import sys, json, time; from memcontrol import offline; offline.apply(); import torch; torch.set_num_threads(1);"
+            "from memcontrol.config import load_params; from memcontrol.tuning import Mask; from tasks.stages import run_arm;"
+            "sys.path.insert(0, 'benchmarks'); from trial_profile import default_mask; from memcontrol.workdir import Layout;"
+            "root, out = sys.argv[1], sys.argv[2]; p = load_params(root + '/params.yaml'); m = default_mask(p, Layout(__import__('pathlib').Path(root)));"
+            "t0 = time.perf_counter(); run_arm.fn(p, root, m.to_json(), out, arm='trial', seed=p.seed, steps=p.train.steps);"
+            "print(json.dumps({'wall_s': time.perf_counter() - t0}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def run(n: int, tag: str) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(prepared), str(work / f"{tag}{i}")], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(n)]
+        return [round(json.loads(p.communicate()[0].strip().splitlines()[-1])["wall_s"], 2) for p in procs]
+
+    alone = run(1, "alone")
+    pair = run(2, "pair")
+    return {"alone_s": alone[0], "side_by_side_s": pair, "slowdown": round(sum(pair) / len(pair) / alone[0], 2),
+            "speedup_bound": round(2 * alone[0] / max(pair), 2)}
 
 
 def storage_overhead(url: str, n: int = 30) -> float:
@@ -203,7 +296,8 @@ def dask_overhead(n: int = 20) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--trials", type=int, default=11, help="3 anchors, then two full batches of 4")
+    ap.add_argument("--batch-size", type=int, default=4, help="search.batch_size (params.yaml's default)")
     ap.add_argument("--steps", type=int, default=60, help="train.steps of each trial")
     ap.add_argument("--tiny", action="store_true", help="micro configuration: checks the script, measures nothing")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp folder, removed after")
@@ -216,10 +310,11 @@ def main() -> None:
     url = subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "start", str(pg_dir), str(_free_port())],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     try:
-        params = base_params(args.tiny, args.trials, args.steps)
+        params = base_params(args.tiny, args.trials, args.steps, args.batch_size)
         t0 = time.perf_counter()
         prepare_workdir(tmp / "prepared", params)
         setup = time.perf_counter() - t0
+        pair = side_by_side(tmp / "prepared", tmp / "side_by_side")
         with prefect_server(tmp / ".prefect"):
             one = run_search(tmp / "prepared", tmp / "w1", workers=1)
             two = run_search(tmp / "prepared", tmp / "w2", workers=2, storage=url, study_name="scale-out-2")
@@ -236,7 +331,7 @@ def main() -> None:
         "setting": ("TINY: micro configuration, a check that the script runs end to end; not a measurement"
                     if args.tiny else "cheap search: params.yaml with the overrides below"),
         "command": "python benchmarks/scale_out.py " + " ".join(sys.argv[1:]),
-        "overrides": {"search.n_trials": args.trials, "search.batch_size": 2,
+        "overrides": {"search.n_trials": args.trials, "search.batch_size": args.batch_size,
                       **({} if args.tiny else {"train.steps": args.steps})},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                     "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
@@ -246,6 +341,7 @@ def main() -> None:
         "speedup_search_wall": round(one["search_wall_s"] / two["search_wall_s"], 2),
         "goal_speedup": 1.6,
         "overhead": overhead,
+        "one_trial_alone_and_two_side_by_side": pair,
         "setup_s": round(setup, 1),
         "total_wall_s": round(time.perf_counter() - t_all, 1),
     }
@@ -262,6 +358,9 @@ def main() -> None:
     print(f"speed-up (trials/h): {result['speedup_trials_per_hour']}x (goal >= 1.6x); "
           f"search wall: {result['speedup_search_wall']}x")
     print("overhead per trial:", json.dumps(overhead))
+    print("the same trial in plain processes, alone and two at once:", json.dumps(pair))
+    for r in result["runs"]:
+        print(f"CPU split, {r['workers']} worker(s):", json.dumps(r["cpu_split"]))
     print(f"{result['setting']}\nwrote {args.out} ({result['total_wall_s']} s)")
 
 

@@ -8,13 +8,16 @@ the very trials of an uninterrupted run (issue 12, docs/reliability.md "A resume
 - the sampler's random states are saved on the study after every ask (`save_sampler`) and put back
   before the first fresh ask of a resumed search (`restore_sampler`);
 - the first trials (the anchors, the stratified first generation) are a plan stored on the study and
-  enqueued a batch at a time (`enqueue_first`), so a retry of a trial the kill interrupted is asked
-  before them, as in the uninterrupted run; the search asks the retries as a batch of their own
-  (memcontrol.search.optimize), so the next fresh proposal sees the same finished trials.
+  enqueued a batch at a time (`enqueue_first`), so no trial of a later batch waits in the queue;
+- each batch's size is kept on the study before it is asked (user attr `asking_batch_of`), and a
+  resumed search first asks the batch the kill interrupted again at that size: its retries and
+  whatever it had not asked yet, while the retries are RUNNING, as the originals were
+  (memcontrol.search.optimize). A retry is listed at the place of the trial it repeats
+  (memcontrol.selection.trials_table).
 
-Not covered: a kill in the milliseconds between two asks of one batch (the rest of that batch is
-asked after the retries are told). GPSampler's fit also warm-starts from kernel parameters kept in
-the process; it asked the same after a resume in tests/test_search.py, but nothing guarantees it."""
+Not covered: a kill in the milliseconds while a batch's planned trials are enqueued. GPSampler's
+fit also warm-starts from kernel parameters kept in the process; it asked the same after a resume
+in tests/test_search.py, but nothing guarantees it."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from memcontrol.anchors import is_anchor
 from memcontrol.errors import UserError
 
-SAMPLER_STATE, PLAN, PLANNED = "sampler_state", "first_trials", "planned"
+SAMPLER_STATE, PLAN, PLANNED, ASKING = "sampler_state", "first_trials", "planned", "asking_batch_of"
 
 
 class ResumeError(UserError, ValueError):

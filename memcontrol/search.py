@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from memcontrol import study_storage
 from memcontrol.anchors import is_anchor, pending_anchors, relative_values
 from memcontrol.errors import UserError
-from memcontrol.resume import (ResumeError, check_resume, enqueue_first, first_trials, resume_settings,
+from memcontrol.resume import (ASKING, ResumeError, check_resume, enqueue_first, first_trials, resume_settings,
                                restore_sampler, save_sampler)
 from memcontrol.tuning import Mask
 
@@ -334,10 +334,11 @@ def optimize(
     `first`: configurations asked before the sampler's own proposals, in order (the anchors, then
     the first generation; a partial one is completed by the sampler), kept on a new study as its plan
     and enqueued a batch at a time. A resume asks what an uninterrupted run would have
-    (memcontrol/resume.py): WAITING trials (retries of trials a kill interrupted) are asked first as a
-    batch of their own, from the sampler's random states as they were after the last ask."""
+    (memcontrol/resume.py): from the sampler's random states as they were after the last ask, the
+    batch a kill interrupted is asked again at its size, its retries (WAITING) first."""
     plan = first_trials(study, list(first))
     restore_sampler(study)  # the random stream as after the last ask (asking a retry draws nothing)
+    interrupted = study.user_attrs.get(ASKING, 0)  # the size of the batch being asked when the last search stopped
     scored = evaluated(study)
     repeats = 0
     failures: list[tuple[int, str]] = []
@@ -354,7 +355,9 @@ def optimize(
             continue
         size = min(batch_size, left)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        if waiting:  # the rest of an interrupted batch: told before anything new is asked, as uninterrupted
+        if waiting and interrupted:  # a resume: the batch a kill interrupted, at its size (its retries first)
+            size = min(interrupted, left)
+        elif waiting:  # retries of trials whose worker died: told before anything new is asked
             size = min(size, waiting)
         else:
             enqueue_first(study, plan, size, anchors_alone=bool(relative))
@@ -365,6 +368,8 @@ def optimize(
             elif running_anchors:  # a lost anchor: its retry comes once its heartbeat is stale
                 time.sleep(study_storage.heartbeat_interval(study) or 1)
                 continue
+        study.set_user_attr(ASKING, size)
+        interrupted = 0
         batch, twins, repeats = fill_batch(study, space, size, make_mask, scored, seed, repeats, failed)
         if not batch:
             if running:  # the rest of the space is being scored by other workers

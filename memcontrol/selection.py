@@ -8,14 +8,23 @@ import json
 
 import optuna
 import pandas as pd
+from optuna.trial import FrozenTrial
 
 from memcontrol.config import OBJECTIVES, Params
 from memcontrol.pareto import is_pareto_front, select
 from memcontrol.report import pareto_plot
 from memcontrol.search import completed, stopped
+from memcontrol.study_storage import retried_from
 from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout, write_csv, write_json
 from memcontrol.errors import MissingInput
+
+
+def ask_position(trial: FrozenTrial) -> int:
+    """Where a trial stands in the order of asking: a retry (its worker or search was killed) at the
+    place of the trial it repeats, so a resumed search lists its trials as an uninterrupted one does."""
+    original = retried_from(trial)
+    return trial.number if original is None else original
 
 
 def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
@@ -25,7 +34,7 @@ def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
     rows = []
     early = stopped(study)
     early_numbers = {t.number for t in early}
-    for trial in sorted(completed(study) + early, key=lambda t: t.number):
+    for trial in sorted(completed(study) + early, key=ask_position):
         rec = json.loads(trial.user_attrs["record"])
         mask = rec["mask"]
         row = {"number": trial.number, "method": mask["method"], "lr": mask["lr"], "bits": "".join(map(str, mask["bits"])),
@@ -45,7 +54,7 @@ def trials_table(study: optuna.Study, params: Params) -> pd.DataFrame:
     done = df["stopped_at"].isna() if early else pd.Series(True, index=df.index)  # a partial point is no result
     df["pareto"] = False
     df.loc[done, "pareto"] = is_pareto_front(df.loc[done, list(params.search.objectives)].to_numpy(), directions)
-    return df.sort_values("number").reset_index(drop=True)
+    return df.reset_index(drop=True)  # in the order the trials were asked
 
 
 def reference_quality(params: Params, df: pd.DataFrame, front: pd.DataFrame) -> pd.Series | None:

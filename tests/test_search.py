@@ -162,12 +162,19 @@ class _Killed(BaseException):
     """Stands for a SIGKILL: the batch's trials stay RUNNING, nothing of it is told."""
 
 
-def _killable_run(study, n, batch, *, kill_at=None, records=None, trained=None, relative=(), first=()):
+def _killable_run(study, n, batch, *, kill_at=None, kill_asking=None, records=None, trained=None, relative=(),
+                  first=()):
     """optimize() whose evaluation dies before its `kill_at`-th evaluation (counted over the whole
-    run); `records` stands for the arms' metrics.json files: a finished evaluation is reused, not
-    trained again, as run_arm does."""
+    run), or that dies between two asks, after its `kill_asking`-th proposal; `records` stands for
+    the arms' metrics.json files: a finished evaluation is reused, not trained again, as run_arm does."""
     records = {} if records is None else records
-    count = [0]
+    count, asked = [0], [0]
+
+    def make_mask(trial_params):
+        if asked[0] == kill_asking:
+            raise _Killed
+        asked[0] += 1
+        return _mask(trial_params)
 
     def evaluate(proposals):
         out = []
@@ -182,7 +189,7 @@ def _killable_run(study, n, batch, *, kill_at=None, records=None, trained=None, 
             out.append(S.Outcome(records[mask.digest()], {"mask": mask.digest()}))
         return out
 
-    S.optimize(study, S.search_space(len(BLOCKS), LRS), n_trials=n, batch_size=batch, make_mask=_mask,
+    S.optimize(study, S.search_space(len(BLOCKS), LRS), n_trials=n, batch_size=batch, make_mask=make_mask,
                evaluate=evaluate, seed=0, relative=relative, first=list(first))
 
 
@@ -196,13 +203,14 @@ def _scored_in_order(study):
 
 
 @pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
-@pytest.mark.parametrize("kill_at", [2, 9])  # in the first generation's batches; in a bred batch with a repeat
+@pytest.mark.parametrize("kill", [("evaluating", 2), ("evaluating", 9), ("asking", 2), ("asking", 6), ("asking", 10)])
 @pytest.mark.parametrize("relative", [(), (1,)])
-def test_a_killed_and_resumed_search_asks_and_scores_what_an_uninterrupted_one_does(tmp_path, sampler, kill_at,
+def test_a_killed_and_resumed_search_asks_and_scores_what_an_uninterrupted_one_does(tmp_path, sampler, kill,
                                                                                       relative):
-    """Issue 12 item 2/8: killed mid-batch (its trials left RUNNING) and rerun in a new process (a
-    rebuilt sampler), the search ends with the very trials of an uninterrupted run, in the same
-    order and with the same values, and no finished evaluation is trained again."""
+    """Issue 12 item 2/8: killed mid-batch (its trials left RUNNING) or between two asks of a batch,
+    in the first generation or in a bred batch, and rerun in a new process (a rebuilt sampler), the
+    search ends with the very trials of an uninterrupted run, in the same order and with the same
+    values, and no finished evaluation is trained again."""
     from memcontrol import study_storage
 
     first = S.anchor_params(len(BLOCKS), LRS) + S.initial_design(3, LRS, seed=0)
@@ -210,8 +218,9 @@ def test_a_killed_and_resumed_search_asks_and_scores_what_an_uninterrupted_one_d
     _killable_run(whole, 12, 4, relative=relative, first=first)
     records, trained = {}, []
     part = _study(tmp_path / "b", sampler)
+    where = {"kill_at" if kill[0] == "evaluating" else "kill_asking": kill[1]}
     with pytest.raises(_Killed):
-        _killable_run(part, 12, 4, kill_at=kill_at, records=records, trained=trained, relative=relative, first=first)
+        _killable_run(part, 12, 4, records=records, trained=trained, relative=relative, first=first, **where)
     resumed = _study(tmp_path / "b", sampler)  # the rerun: a new sampler from the same seed
     assert study_storage.recover_orphans(resumed)  # the killed batch's trials, failed and retried
     _killable_run(resumed, 12, 4, records=records, trained=trained, relative=relative, first=first)
