@@ -43,11 +43,25 @@ def _api_url() -> str | None:
         return str(client.api_url)
 
 
+def worker_environ() -> dict:
+    """What Dask's nanny puts in a worker's environment before it starts (its
+    `distributed.nanny.pre-spawn-environ`), less MALLOC_TRIM_THRESHOLD_. Dask sets that to 64 KiB so
+    idle workers hand memory back to the OS; set at all, it also stops glibc from raising its mmap
+    threshold, so every large tensor of a training step is mmapped and unmapped anew: a default
+    trial took 19 s instead of 12.5 s in one process with it (benchmarks/results/scale_out.json,
+    `one_trial_alone_and_two_side_by_side`, and docs/scale_out.md "Measured")."""
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
 @contextmanager
 def trial_runner(search: Search) -> Iterator[DaskTaskRunner]:
     """A started DaskTaskRunner: on the scheduler at `search.dask_address`, or on a LocalCluster of
-    `search.workers` processes with one thread and the `trial` resource each."""
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    `search.workers` processes with one thread and the `trial` resource each (environment:
+    `worker_environ`)."""
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                          "distributed.nanny.pre-spawn-environ": worker_environ()}):
         if search.dask_address:
             runner = DaskTaskRunner(address=search.dask_address)
         else:

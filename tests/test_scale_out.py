@@ -118,26 +118,37 @@ def killed_search(prepared, postgres, tmp_path_factory):
             continue
         victim = next((t for t in running if "worker" in t.user_attrs), None)  # a worker has started it
     assert victim is not None, "no trial reached a worker"
-    os.kill(_worker_pid(search, victim.user_attrs["worker"]), signal.SIGKILL)
+    pid = _worker_pid(search, victim.user_attrs["worker"])
+    environ = psutil.Process(pid).environ()
+    os.kill(pid, signal.SIGKILL)
     out = _finish(search)
-    return work, optuna.load_study(study_name="killed", storage=postgres), victim, out
+    return work, optuna.load_study(study_name="killed", storage=postgres), victim, out, environ
 
 
 def test_two_workers_on_dask_and_postgresql(killed_search):
     """The batch's 2 trials ran at once, one on each Dask worker, in the PostgreSQL study; the flow's
     outputs are those of a one-worker search (one MLflow child per trial, trials.csv, trial folders)."""
-    work, study, _, out = killed_search
+    work, study, _, out, _ = killed_search
     first_batch = [t for t in study.trials if t.number in (0, 1)]
     assert len({t.user_attrs["worker"] for t in first_batch}) == 2, out[-4000:]
     assert len((work / "search" / "trials.csv").read_text().strip().splitlines()) == 1 + 3
     _check_outputs(work, study)
 
 
+def test_a_trial_worker_runs_single_threaded_without_dasks_malloc_trim_threshold(killed_search):
+    """The worker process's environment (read from the live process): torch and BLAS on one thread,
+    and no MALLOC_TRIM_THRESHOLD_, which Dask sets by default and which made a trial 1.5x slower
+    (flows/parallel.worker_environ)."""
+    environ = killed_search[4]
+    assert environ.get("OMP_NUM_THREADS") == "1" and environ.get("MKL_NUM_THREADS") == "1"
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ
+
+
 def test_a_worker_killed_mid_trial_is_retried_once_by_the_heartbeat(killed_search):
     """The SIGKILLed worker's trial: Optuna's heartbeat found it stale, failed it and enqueued it once
     with the same parameters; the study ends with exactly n_trials scored, none twice, none left
     running, one MLflow child each and nothing half-written under search/trials/."""
-    work, study, victim, out = killed_search
+    work, study, victim, out, _ = killed_search
     scored = _scored(study)
     assert len(scored) == 3, out[-4000:]
     assert study.trials[victim.number].state == TrialState.FAIL
