@@ -14,7 +14,7 @@ Prefect or database), alone and two at once; and for each search, the CPU second
 on the machine spent while it ran, by role (trial workers, the search process with Dask's
 scheduler and nannies, the Prefect server, PostgreSQL, anything else).
 
-Usage: python benchmarks/scale_out.py [--trials 11] [--batch-size 4] [--steps 60] [--workdir DIR]
+Usage: python benchmarks/scale_out.py [--trials 13] [--batch-size 4] [--steps 60] [--workdir DIR]
        [--out benchmarks/results/scale_out.json]
        python benchmarks/scale_out.py --tiny --out <somewhere>/scale_out_tiny.json   # a check of the script only
 The search runs use params.yaml with search.n_trials and train.steps set (search.batch_size: the default 4;
@@ -296,7 +296,7 @@ def dask_overhead(n: int = 20) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=11, help="3 anchors, then two full batches of 4")
+    ap.add_argument("--trials", type=int, default=13, help="search.n_trials (params.yaml's default: 3 anchors, then 4, 4, 2)")
     ap.add_argument("--batch-size", type=int, default=4, help="search.batch_size (params.yaml's default)")
     ap.add_argument("--steps", type=int, default=60, help="train.steps of each trial")
     ap.add_argument("--tiny", action="store_true", help="micro configuration: checks the script, measures nothing")
