@@ -16,6 +16,7 @@ so exactly one mechanism retries it. The task run is marked Crashed in Prefect."
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,9 +48,8 @@ def worker_environ() -> dict:
     """What Dask's nanny puts in a worker's environment before it starts (its
     `distributed.nanny.pre-spawn-environ`), less MALLOC_TRIM_THRESHOLD_. Dask sets that to 64 KiB so
     idle workers hand memory back to the OS; set at all, it also stops glibc from raising its mmap
-    threshold, so every large tensor of a training step is mmapped and unmapped anew: a default
-    trial took 19 s instead of 12.5 s in one process with it (benchmarks/results/scale_out.json,
-    `one_trial_alone_and_two_side_by_side`, and docs/scale_out.md "Measured")."""
+    threshold, so every large tensor of a training step is mmapped and unmapped anew: a trial ran
+    about 1.5x slower with it (benchmarks/worker_malloc.py, docs/scale_out.md "Measured")."""
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     return environ
@@ -65,6 +65,9 @@ def trial_runner(search: Search) -> Iterator[DaskTaskRunner]:
         if search.dask_address:
             runner = DaskTaskRunner(address=search.dask_address)
         else:
+            # a worker inherits this process's environment, where a nanny of an earlier cluster (it
+            # writes its pre-spawn environ here) or the shell may have put the threshold
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PREFECT_API_URL": _api_url() or ""}
             runner = DaskTaskRunner(cluster_kwargs={
                 "n_workers": search.workers, "threads_per_worker": 1, "processes": True, "resources": RESOURCE,
