@@ -6,8 +6,8 @@ rerun to the end; the result must be that of an uninterrupted run with the same 
         [--out benchmarks/results/faults.json] [--doc docs/reliability.md]
 
 First one uninterrupted run gives the reference and each stage's time window. Kill moments are
-drawn stratified: kill i falls in stage i mod 6, uniformly inside that stage (`kill_in`: for a later
-stage, timed from the moment the stage before wrote its output); the table counts a kill under the
+drawn stratified: kill i falls in stage i mod 6, uniformly inside that stage (`kill_in`: timed from
+the moment the stage began: prepare's first write, or the stage before's output); the table counts a kill under the
 stage whose output was missing at the kill. Each kill runs in a fresh copy of the workdir, so kills
 are independent. After a kill, the finished trial and
 arm records (every `metrics.json`) are noted by inode, the demo is rerun to the end, and the benchmark checks:
@@ -163,18 +163,16 @@ def stage_at_kill(work: Path) -> str:
 
 
 def kill_in(proc: subprocess.Popen, work: Path, stage: str, win: dict, rng: random.Random) -> tuple[bool, float]:
-    """SIGKILL the demo at a moment drawn uniformly inside `stage`: for prepare, inside its window of
-    the reference run (Prefect's start is before it); for a later stage, once the stage before has
-    written its output, within the reference run's duration of the stage (the machine's load moves
-    absolute moments). Returns (killed, seconds since the start); not killed if the demo ended first."""
+    """SIGKILL the demo at a moment drawn uniformly inside `stage`: once the stage has begun (for
+    prepare, once it has made the workdir's data/ folder, its first write, after Prefect's start; for
+    a later stage, once the stage before has written its output), within the reference run's
+    duration of the stage (the machine's load moves absolute moments). Returns (killed, seconds since
+    the start); not killed if the demo ended first."""
     t0 = time.perf_counter()
-    if stage == "prepare":
-        at = rng.uniform(*win[stage])
-    else:
-        before = outputs(work)[STAGES[STAGES.index(stage) - 1]]
-        while not before.exists() and proc.poll() is None:
-            time.sleep(0.05)
-        at = time.perf_counter() - t0 + rng.uniform(0, win[stage][1] - win[stage][0])
+    begun = work / "data" if stage == "prepare" else outputs(work)[STAGES[STAGES.index(stage) - 1]]
+    while not begun.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    at = time.perf_counter() - t0 + rng.uniform(0, win[stage][1] - win[stage][0])
     try:
         proc.wait(timeout=max(at - (time.perf_counter() - t0), 0.01))
         return False, at
