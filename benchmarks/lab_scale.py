@@ -113,7 +113,8 @@ def lab_search(workers: int, n_trials: int, storage_url: str, params_path: str, 
     from tasks import tracking
 
     params = load_params(params_path)
-    study = S.open_study(storage_url, f"lab-w{workers}", sampler="nsga2", seed=0, population_size=max(workers, 4),
+    name = f"lab-w{workers}" + ("-mlflow-on-workers" if log_on_worker else "")  # each run a study of its own
+    study = S.open_study(storage_url, name, sampler="nsga2", seed=0, population_size=max(workers, 4),
                          directions=["minimize", "minimize"], heartbeat_interval=HEARTBEAT_INTERVAL,
                          grace_period=GRACE_PERIOD)
     timers: dict[str, list[float]] = {"ask": [], "tell": [], "evaluate": [], "log_child": []}
