@@ -90,6 +90,12 @@ def prefect_server(home: Path) -> Iterator[str]:
         server.wait(timeout=60)
 
 
+def command_line(script: str, workdir: Path | None) -> str:
+    """How this run was started, for the results JSON: this machine's --workdir shown as <workdir>."""
+    args = " ".join(sys.argv[1:])
+    return f"python benchmarks/{script} " + (args.replace(str(workdir), "<workdir>") if workdir else args)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -217,18 +223,11 @@ def side_by_side(prepared: Path, work: Path) -> dict:
     """The same trial (the default's middle LR, every other block) in plain processes, no Dask,
     Prefect or database: alone, then two at once. How much two trials slow each other down on
     this machine by themselves."""
-    code = ("import sys, json, time; from memcontrol import offline; offline.apply(); import torch; torch.set_num_threads(1);"
-            "from memcontrol.config import load_params; from memcontrol.tuning import Mask; from tasks.stages import run_arm;"
-            "sys.path.insert(0, 'benchmarks'); from trial_profile import default_mask; from memcontrol.workdir import Layout;"
-            "root, out = sys.argv[1], sys.argv[2]; p = load_params(root + '/params.yaml'); m = default_mask(p, Layout(__import__('pathlib').Path(root)));"
-            "t0 = time.perf_counter(); run_arm.fn(p, root, m.to_json(), out, arm='trial', seed=p.seed, steps=p.train.steps);"
-            "print(json.dumps({'wall_s': time.perf_counter() - t0}))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    from worker_malloc import start_trial, trial_result
 
     def run(n: int, tag: str) -> list[float]:
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(prepared), str(work / f"{tag}{i}")], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(n)]
-        return [round(json.loads(p.communicate()[0].strip().splitlines()[-1])["wall_s"], 2) for p in procs]
+        procs = [start_trial(prepared, work / f"{tag}{i}") for i in range(n)]
+        return [round(trial_result(p)["wall_s"], 2) for p in procs]
 
     alone = run(1, "alone")
     pair = run(2, "pair")
@@ -330,7 +329,7 @@ def main() -> None:
     result = {
         "setting": ("TINY: micro configuration, a check that the script runs end to end; not a measurement"
                     if args.tiny else "cheap search: params.yaml with the overrides below"),
-        "command": "python benchmarks/scale_out.py " + " ".join(sys.argv[1:]),
+        "command": command_line("scale_out.py", args.workdir),
         "overrides": {"search.n_trials": args.trials, "search.batch_size": args.batch_size,
                       **({} if args.tiny else {"train.steps": args.steps})},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True),

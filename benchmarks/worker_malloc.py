@@ -54,12 +54,24 @@ def trial(root: str, out: str) -> dict:
             "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
 
 
-def in_process(root: Path, out: Path, extra_env: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"} | extra_env
+def start_trial(root: Path, out: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    """`trial` in a plain process of its own (started, not waited for: see `trial_result`)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"} | (extra_env or {})
     code = f"import sys, json; sys.path[:0] = {[str(ROOT), str(ROOT / 'benchmarks')]!r}; import worker_malloc as w; " \
            f"print(json.dumps(w.trial({str(root)!r}, {str(out)!r})))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def trial_result(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"a trial process failed (exit {proc.returncode})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def in_process(root: Path, out: Path, extra_env: dict) -> dict:
+    return trial_result(start_trial(root, out, extra_env))
 
 
 def on_dask(root: Path, out: Path, environ: dict | None) -> dict:
@@ -78,7 +90,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="a prepared workdir is made here (default: temp)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "worker_malloc.json")
     args = ap.parse_args()
-    from scale_out import base_params, prepare_workdir
+    from scale_out import base_params, command_line, prepare_workdir
 
     from flows.parallel import worker_environ
 
@@ -92,7 +104,7 @@ def main() -> None:
         "Dask default": on_dask(root, work / "c", None),
         "Dask, memcontrol": on_dask(root, work / "d", worker_environ()),
     }
-    result = {"command": "python benchmarks/worker_malloc.py " + " ".join(sys.argv[1:]),
+    result = {"command": command_line("worker_malloc.py", args.workdir),
               "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], "trials": rows,
               "dask_default_over_process": round(rows["Dask default"]["wall_s"] / rows["process"]["wall_s"], 2),
               "memcontrol_over_process": round(rows["Dask, memcontrol"]["wall_s"] / rows["process"]["wall_s"], 2)}

@@ -6,7 +6,7 @@ the same seed starts that stream again. So that a search killed after k trials a
 the very trials of an uninterrupted run (issue 12, docs/reliability.md "A resumed search"):
 
 - the sampler's random states are saved on the study after every ask (`save_sampler`) and put back
-  before the first fresh ask of a resumed search (`restore_sampler`);
+  when a search resumes (`restore_sampler`);
 - the first trials (the anchors, the stratified first generation) are a plan stored on the study and
   enqueued a batch at a time (`enqueue_first`), so no trial of a later batch waits in the queue;
 - each batch's size is kept on the study before it is asked (user attr `asking_batch_of`), and a
@@ -107,17 +107,14 @@ def save_sampler(study: optuna.Study) -> None:
     study.set_user_attr(SAMPLER_STATE, states)
 
 
-def restore_sampler(study: optuna.Study) -> bool:
-    """Put the saved random states back into a rebuilt sampler; False if none were saved (a new
-    study, or one from before they were kept)."""
-    saved = study.user_attrs.get(SAMPLER_STATE)
-    if not saved:
-        return False
+def restore_sampler(study: optuna.Study) -> None:
+    """Put the saved random states back into a rebuilt sampler (none saved: a new study, or one
+    from before they were kept)."""
+    saved = study.user_attrs.get(SAMPLER_STATE) or {}
     for path, rng in _random_states(study.sampler).items():
         if path in saved:
             kind, keys, pos, has_gauss, cached = saved[path]
             rng.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return True
 
 
 def first_trials(study: optuna.Study, first: list[dict]) -> list[dict]:
@@ -127,10 +124,10 @@ def first_trials(study: optuna.Study, first: list[dict]) -> list[dict]:
     return study.user_attrs.get(PLAN, [])
 
 
-def enqueue_first(study: optuna.Study, plan: list[dict], n: int, *, anchors_alone: bool = False) -> int:
+def enqueue_first(study: optuna.Study, plan: list[dict], n: int, *, anchors_alone: bool = False) -> None:
     """Enqueue up to `n` of the plan's trials not enqueued yet (each carries its index as user attr
     `planned`; a retry keeps it). With `anchors_alone`, anchors and other trials never share a
-    batch. Returns how many were enqueued."""
+    batch."""
     used = [t.user_attrs[PLANNED] for t in study.get_trials(deepcopy=False) if PLANNED in t.user_attrs]
     start = max(used, default=-1) + 1
     batch = plan[start:start + n]
@@ -139,4 +136,3 @@ def enqueue_first(study: optuna.Study, plan: list[dict], n: int, *, anchors_alon
         batch = batch[:next((i for i, p in enumerate(batch) if is_anchor(p) != alone), len(batch))]
     for i, fixed in enumerate(batch, start):
         study.enqueue_trial(fixed, user_attrs={PLANNED: i})
-    return len(batch)
