@@ -7,7 +7,9 @@ coordination costs per trial, without training:
   evaluation, on the SQLite file and on PostgreSQL: seconds per trial;
 - Dask: a no-op Prefect task run through the search's DaskTaskRunner (flows/parallel.py: the
   `trial` resource, a LocalCluster of 2 processes), one at a time, against the same task called in
-  the flow's own process; plus the cluster's start-up (paid once per search).
+  the flow's own process; plus the cluster's start-up (paid once per search); and batches of 4
+  one-second tasks on the 2 workers, with and without Prefect tags (a tagged task run first takes a
+  concurrency lease from the Prefect API: the trial tasks carry no tags).
 
 And why a worker's trial is slower than a trial alone: the same trial in plain processes (no Dask,
 Prefect or database), alone and two at once; and for each search, the CPU seconds every process
@@ -258,6 +260,25 @@ def storage_overhead(url: str, n: int = 30) -> float:
     return (time.perf_counter() - t0) / S.n_finished(study)
 
 
+TAGS = ["gpu", "trial"]  # the trial tasks' Prefect tags before they were dropped (tasks/stages.py)
+
+
+def batch_overrun(runner, fn, rounds: int = 6, seconds: float = 1.0) -> dict:
+    """Batches of 4 tasks of `seconds` each on the 2 workers (a search's batch): how much longer than
+    2 x `seconds` a batch takes from its submission to its last result (each worker starts its two
+    tasks one after the other), median and max over `rounds`."""
+    import statistics
+
+    over = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        futures = [runner.submit(fn, parameters={"seconds": seconds}) for _ in range(4)]
+        for f in futures:
+            f.result()
+        over.append(time.perf_counter() - t0 - 2 * seconds)
+    return {"median": round(statistics.median(over), 3), "max": round(max(over), 3)}
+
+
 def dask_overhead(n: int = 20) -> dict:
     """Per no-op trial: through the search's DaskTaskRunner vs called in the flow's process."""
     import dask
@@ -270,6 +291,10 @@ def dask_overhead(n: int = 20) -> dict:
     @task(cache_policy=NO_CACHE)
     def noop(i: int) -> int:
         return i
+
+    @task(cache_policy=NO_CACHE)
+    def started(seconds: float) -> None:
+        time.sleep(seconds)
 
     @flow(name="scale-out-overhead")
     def measure() -> dict:
@@ -287,8 +312,11 @@ def dask_overhead(n: int = 20) -> dict:
                 for i in range(n):
                     runner.submit(noop, parameters={"i": i}).result()
                 remote = (time.perf_counter() - t1) / n
+                lags = {name: batch_overrun(runner, fn) for name, fn in (("untagged", started),
+                                                                     ("tagged", started.with_options(tags=TAGS)))}
         return {"prefect_task_in_process_s": round(local, 4), "prefect_task_on_dask_s": round(remote, 4),
-                "dask_per_trial_s": round(remote - local, 4), "cluster_start_s": round(start, 1)}
+                "dask_per_trial_s": round(remote - local, 4), "cluster_start_s": round(start, 1),
+                "batch_of_4_overrun_s": lags, "tags_tried": TAGS}
 
     return measure()
 

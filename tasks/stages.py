@@ -39,7 +39,7 @@ def reference(params: Params, root: str) -> str:
     return str(reference_stage.reference(params, Layout(Path(root))))
 
 
-@task(cache_policy=NO_CACHE, tags=["gpu"])
+@task(cache_policy=NO_CACHE)
 def run_arm(params: Params, root: str, mask_json: str, out_dir: str, *, arm: str, seed: int, steps: int,
             rungs: tuple[int, ...] = (), on_rung=None) -> dict:
     """Fine-tune with one mask and evaluate it (arm "trial": the inner loop's rows and batch size;
@@ -63,11 +63,15 @@ def evaluate_base(params: Params, root: str) -> dict:
         return arms.evaluate_base(params, layout, EvalContext(params, layout), progress)
 
 
-@task(cache_policy=NO_CACHE, tags=["gpu", "trial"])
+@task(cache_policy=NO_CACHE)
 def run_trial(params: Params, root: str, mask_json: str, out_dir: str, *, study_url: str, trial_id: int) -> dict:
     """One search trial on a Dask worker (search.workers > 1, flows/parallel.py): torch on one
     thread, and Optuna's heartbeat for the trial in the study while it runs (a worker killed mid-trial
-    stops beating: the search fails the trial and runs it once more, memcontrol/study_storage.py)."""
+    stops beating: the search fails the trial and runs it once more, memcontrol/study_storage.py).
+
+    No Prefect tags here or on `run_arm`: a tagged task run first takes a concurrency lease from the
+    Prefect API, and two trials starting at once waited for it (benchmarks/scale_out.py,
+    `batch_of_4_overrun_s`); Dask's `trial` resource is what bounds the trials per worker."""
     import torch
     from distributed import get_worker
 
