@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +24,32 @@ from memcontrol.arms import final_rows, full_mask, run_arm
 from memcontrol.config import load_params
 from memcontrol.evaluate import EvalContext
 from memcontrol.report import markdown_table
+from memcontrol.tuning import Mask
 from memcontrol.workdir import Layout
 
 KEYS = ["mem.flagged_rate", "mem.own_match_rate", "mem.mean_sim", "quality.kid_mean", "quality.fid"]
+
+
+def sweep(workdir: Path, make_mask: Callable[[float], Mask], lrs: list[float], seeds: list[int],
+          tag: str) -> tuple[list[dict], pd.DataFrame, float]:
+    """Each LR x seed at the Stage-2 budget, scored on test: (runs, summary per LR with mean and std,
+    the LR of the best mean KID). Arms go to WORKDIR/benchmarks/<tag>/ and are reused when finished."""
+    params = load_params(workdir / "params.yaml")
+    layout = Layout(workdir)
+    ctx = EvalContext(params, layout, "test")
+    rows = final_rows(params, ctx)
+    t0 = time.perf_counter()
+    runs = []
+    for lr in lrs:
+        for seed in seeds:
+            m = run_arm(params, layout, ctx, make_mask(lr), workdir / "benchmarks" / tag / f"lr{lr:g}-seed{seed}",
+                        rows=rows, steps=params.final.steps, seed=seed, batch_size=params.final.batch_size)["metrics"]
+            runs.append({"lr": lr, "seed": seed, **{k: float(m[k]) for k in KEYS}, "train_s": round(m["train_seconds"], 1)})
+            print(f"{tag}: lr {lr:g} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    summary = pd.DataFrame(runs).groupby("lr")[KEYS].agg(["mean", "std"])
+    summary.columns = [f"{k}.{stat}" for k, stat in summary.columns]
+    summary = summary.reset_index()
+    return runs, summary, float(summary.loc[summary["quality.kid_mean.mean"].idxmin(), "lr"])
 
 
 def main() -> None:
@@ -36,23 +60,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/full_ft_lr.json"))
     args = ap.parse_args()
     params = load_params(args.workdir / "params.yaml")
-    layout = Layout(args.workdir)
-    ctx = EvalContext(params, layout, "test")
-    rows = final_rows(params, ctx)
     t0 = time.perf_counter()
-    runs = []
-    for lr in args.lrs:
-        for seed in args.seeds:
-            mask = dataclasses.replace(full_mask(params), lr=lr)
-            m = run_arm(params, layout, ctx, mask, args.workdir / "benchmarks" / "full_ft_lr" / f"lr{lr:g}-seed{seed}",
-                        rows=rows, steps=params.final.steps, seed=seed, batch_size=params.final.batch_size)["metrics"]
-            runs.append({"lr": lr, "seed": seed, **{k: float(m[k]) for k in KEYS}, "train_s": round(m["train_seconds"], 1)})
-            print(f"lr {lr:g} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    df = pd.DataFrame(runs)
-    summary = df.groupby("lr")[KEYS].agg(["mean", "std"])
-    summary.columns = [f"{k}.{stat}" for k, stat in summary.columns]
-    summary = summary.reset_index()
-    best = float(summary.loc[summary["quality.kid_mean.mean"].idxmin(), "lr"])
+    runs, summary, best = sweep(args.workdir, lambda lr: dataclasses.replace(full_mask(params), lr=lr), args.lrs,
+                                args.seeds, "full_ft_lr")
     print(markdown_table(summary))
     print(f"best-quality LR: {best:g} (params final.full_lr = {params.final.full_lr:g})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
