@@ -346,8 +346,9 @@ class Audit(_Strict):
     )
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = Field(None, ge=1)               # None: final.steps
-    method_lr: dict[str, float] = {"attention": 2e-4, "bias": 1e-3, "norm": 1e-3, "lora": 1e-3,
-                                   "svdiff": 1e-3, "difffit": 1e-3}
+    # each unmasked baseline at its best-quality LR at the Stage-2 budget (benchmarks/method_lr.py)
+    method_lr: dict[str, float] = {"attention": 3e-3, "bias": 1e-2, "norm": 1e-1, "lora": 1e-2,
+                                   "svdiff": 1e-2, "difffit": 1e-2}
     mitigations: Mitigations = Mitigations()
     extraction: Extraction = Extraction()
     grid_top: int = Field(8, ge=1)                      # most-similar generations shown per arm
