@@ -67,7 +67,9 @@ def main() -> None:
             lrs.append(next_lr(max(lrs)))
         print(f"{method}:\n{markdown_table(summary)}")
         print(f"{method}: best-quality LR {best:g} (audit.method_lr: {params.audit.method_lr.get(method)})")
-        out["methods"][method] = {"lrs": lrs, "seeds": args.seeds, "best_quality_lr": best, "best_at_edge": best == max(lrs), "audit_lr": params.audit.method_lr.get(method),
+        out["methods"][method] = {"lrs": lrs, "seeds": args.seeds, "best_quality_lr": best,
+                                  "best_at_edge": best == max(lrs),
+                                  "audit_lr": params.audit.method_lr.get(method),  # audit.method_lr as run
                                   "summary": summary.to_dict(orient="records"), "runs": runs}
     out["seconds_this_run"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
