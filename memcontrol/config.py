@@ -347,7 +347,7 @@ class Audit(_Strict):
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int | None = Field(None, ge=1)               # None: final.steps
     # each unmasked baseline at its best-quality LR at the Stage-2 budget (benchmarks/method_lr.py)
-    method_lr: dict[str, float] = {"attention": 3e-3, "bias": 1e-2, "norm": 1e-1, "lora": 1e-2,
+    method_lr: dict[str, float] = {"attention": 3e-3, "bias": 1e-2, "norm": 1e-1, "lora": 3e-3,
                                    "svdiff": 1e-2, "difffit": 1e-2}
     mitigations: Mitigations = Mitigations()
     extraction: Extraction = Extraction()
