@@ -312,11 +312,11 @@ def dask_overhead(n: int = 20) -> dict:
                 for i in range(n):
                     runner.submit(noop, parameters={"i": i}).result()
                 remote = (time.perf_counter() - t1) / n
-                lags = {name: batch_overrun(runner, fn) for name, fn in (("untagged", started),
-                                                                     ("tagged", started.with_options(tags=TAGS)))}
+                overrun = {name: batch_overrun(runner, fn) for name, fn in (("untagged", started),
+                                                                        ("tagged", started.with_options(tags=TAGS)))}
         return {"prefect_task_in_process_s": round(local, 4), "prefect_task_on_dask_s": round(remote, 4),
                 "dask_per_trial_s": round(remote - local, 4), "cluster_start_s": round(start, 1),
-                "batch_of_4_overrun_s": lags, "tags_tried": TAGS}
+                "batch_of_4_overrun_s": overrun, "tags_tried": TAGS}
 
     return measure()
 
