@@ -321,6 +321,43 @@ def dask_overhead(n: int = 20) -> dict:
     return measure()
 
 
+def idle_cluster_cpu(seconds: float = 20.0) -> dict:
+    """CPU that a 2-worker cluster takes while its workers hold no task, in % of one core: the
+    search's process (scheduler and client) and the workers with their nannies. With Dask's
+    defaults (a LocalCluster of the same shape) and as the search starts it (flows.parallel.
+    trial_runner: parallel.QUIET); on a machine the trials fill, this comes out of the trials."""
+    import dask
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from flows import parallel
+    from memcontrol.config import Search
+
+    me = psutil.Process()
+
+    def cpu(proc) -> float:
+        times = proc.cpu_times()
+        return times.user + times.system
+
+    def measure(client) -> dict:
+        time.sleep(3)  # past the workers' start
+        kids = me.children(recursive=True)
+        before, t0 = (cpu(me), sum(cpu(k) for k in kids)), time.perf_counter()
+        time.sleep(seconds)
+        after, wall = (cpu(me), sum(cpu(k) for k in kids)), time.perf_counter() - t0
+        return {"search_process_pct": round(100 * (after[0] - before[0]) / wall, 1),
+                "workers_and_nannies_pct": round(100 * (after[1] - before[1]) / wall, 1)}
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources=parallel.RESOURCE, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        default = measure(client)
+    with parallel.trial_runner(Search(workers=2, batch_size=2)) as runner:
+        settings = runner.client.run(lambda: {k: dask.config.get(k) for k in parallel.QUIET})
+        assert all(seen == parallel.QUIET for seen in settings.values()), settings  # the workers got them
+        quiet = measure(runner.client)
+    return {"dask_defaults": default, "memcontrol": quiet, "settings": parallel.QUIET, "seconds": seconds}
+
+
 def pooled(runs: list[dict]) -> dict:
     """Trials per hour over all repeats of each worker count (total trials / total trial-loop time),
     the speed-up of 2 workers over 1 from those, and each repeat's own speed-up."""
@@ -369,6 +406,7 @@ def main() -> None:
                 "storage_per_trial_s": {"sqlite": round(storage_overhead(f"sqlite:///{tmp / 'overhead.db'}"), 4),
                                         "postgresql": round(storage_overhead(url), 4)},
                 **dask_overhead(),
+                "idle_cluster_cpu": idle_cluster_cpu(),
             }
         overhead["postgresql_minus_sqlite_per_trial_s"] = round(
             overhead["storage_per_trial_s"]["postgresql"] - overhead["storage_per_trial_s"]["sqlite"], 4)

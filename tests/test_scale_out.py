@@ -183,14 +183,19 @@ def test_postgresql_study_keeps_the_resume_guards(postgres):
 
 def test_the_dask_config_for_a_cluster_of_your_own_unsets_the_malloc_trim_threshold():
     """docs/scale_out.md step 4: `DASK_CONFIG=scripts/dask dask worker ...` starts workers without
-    Dask's MALLOC_TRIM_THRESHOLD_ (read as a nanny reads it, in a fresh process)."""
-    code = ("from distributed.nanny import _get_env_variables; import json; "
+    Dask's MALLOC_TRIM_THRESHOLD_ (read as a nanny reads it, in a fresh process), and with the
+    quiet housekeeping that the LocalCluster of search.workers gets (flows/parallel.QUIET)."""
+    from flows.parallel import QUIET
+
+    code = ("from distributed.nanny import _get_env_variables; import json, dask; "
+            f"print(json.dumps({{k: dask.config.get(k) for k in {sorted(QUIET)!r}}})); "
             "print(json.dumps(_get_env_variables('distributed.nanny.pre-spawn-environ')))")
     env = {**os.environ, "DASK_CONFIG": str(ROOT / "scripts" / "dask")}
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     environ = json.loads(out.strip().splitlines()[-1])
     assert "MALLOC_TRIM_THRESHOLD_" not in environ and environ.get("OMP_NUM_THREADS") == "1"
+    assert json.loads(out.strip().splitlines()[-2]) == QUIET
     default = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in env.items() if k != "DASK_CONFIG"},
                              capture_output=True, text=True, check=True).stdout
     assert "MALLOC_TRIM_THRESHOLD_" in json.loads(default.strip().splitlines()[-1])  # what it undoes
