@@ -9,7 +9,8 @@ coordination costs per trial, without training:
   `trial` resource, a LocalCluster of 2 processes), one at a time, against the same task called in
   the flow's own process; plus the cluster's start-up (paid once per search); and batches of 4
   one-second tasks on the 2 workers, with and without Prefect tags (a tagged task run first takes a
-  concurrency lease from the Prefect API: the trial tasks carry no tags).
+  concurrency lease from the Prefect API: the trial tasks carry no tags); and the CPU an idle
+  2-worker cluster takes with Dask's defaults and with flows/parallel.QUIET.
 
 And why a worker's trial is slower than a trial alone: the same trial in plain processes (no Dask,
 Prefect or database), alone and two at once; and for each search, the CPU seconds every process
@@ -339,7 +340,7 @@ def idle_cluster_cpu(seconds: float = 20.0) -> dict:
         times = proc.cpu_times()
         return times.user + times.system
 
-    def measure(client) -> dict:
+    def measure() -> dict:
         time.sleep(3)  # past the workers' start
         kids = me.children(recursive=True)
         before, t0 = (cpu(me), sum(cpu(k) for k in kids)), time.perf_counter()
@@ -349,12 +350,12 @@ def idle_cluster_cpu(seconds: float = 20.0) -> dict:
                 "workers_and_nannies_pct": round(100 * (after[1] - before[1]) / wall, 1)}
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources=parallel.RESOURCE, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        default = measure(client)
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster):  # a client, as the search has
+        default = measure()
     with parallel.trial_runner(Search(workers=2, batch_size=2)) as runner:
         settings = runner.client.run(lambda: {k: dask.config.get(k) for k in parallel.QUIET})
         assert all(seen == parallel.QUIET for seen in settings.values()), settings  # the workers got them
-        quiet = measure(runner.client)
+        quiet = measure()
     return {"dask_defaults": default, "memcontrol": quiet, "settings": parallel.QUIET, "seconds": seconds}
 
 
