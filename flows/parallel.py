@@ -40,7 +40,7 @@ RESOURCE = {"trial": 1}  # what each worker offers and each trial asks for
 # Dask's housekeeping, sized for many short tasks, costs a few % of a core in every process (a
 # 20 ms event-loop tick, a 10 ms stack profiler, a 0.5 s system monitor). A worker here holds one
 # trial of minutes: on a machine whose cores the trials fill, that time comes out of the trials.
-# An idle 2-worker cluster used 6.4 % of a core with Dask's defaults and 2.7 % with these
+# An idle 2-worker cluster used 6.6 % of a core with Dask's defaults and 2.7 % with these
 # (benchmarks/scale_out.py, `idle_cluster_cpu`). The price: no profile in Dask's dashboard.
 QUIET = {
     "distributed.admin.tick.interval": "1s",
